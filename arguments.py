@@ -1,0 +1,166 @@
+"""Command-line arguments: one dataclass per concern, `help` on every field, cross-field checks that
+name the flags. Parsed by `HfArgumentParser` in `train_dft.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from dft_loss import check_dft_alpha
+
+ATTN_CHOICES = ["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
+DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32"]
+LOSS_IMPL_CHOICES = ["auto", "full", "chunked"]
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune and how to load it."""
+
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "Local model directory (or Hub id where the Hub is reachable). Required."}
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype to load the weights in. auto: bfloat16/float16 under DeepSpeed with --bf16/--fp16 "
+            "(DeepSpeed keeps fp32 master weights), else float32 with --bf16/--fp16 as autocast.",
+            "choices": DTYPE_CHOICES,
+        },
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel. auto: flash_attention_2 when flash-attn is importable on CUDA, else sdpa.",
+            "choices": ATTN_CHOICES,
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code shipped with the checkpoint."}
+    )
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required (a local model directory).")
+        flash_available = importlib.util.find_spec("flash_attn") is not None
+        if self.attn_implementation == "flash_attention_2" and not flash_available:
+            raise ValueError(
+                "--attn_implementation flash_attention_2 needs the flash-attn package: "
+                "`pip install -r requirements-gpu.txt`, or pick --attn_implementation sdpa."
+            )
+        if self.attn_implementation == "auto":
+            self.attn_implementation = "flash_attention_2" if flash_available and torch.cuda.is_available() else "sdpa"
+
+
+@dataclass
+class DataArguments:
+    """Where the ChatML conversations come from and how they are tokenised."""
+
+    data_files: list[str] = field(
+        default=None, metadata={"help": "One or more ChatML JSON/JSONL files (merged into one dataset). Required."}
+    )
+    eval_data_files: list[str] = field(
+        default=None, metadata={"help": "Evaluation files; overrides --validation_split_percentage."}
+    )
+    max_length: int = field(default=2048, metadata={"help": "Tokens per conversation; longer ones keep their beginning."})
+    preprocessing_num_workers: int = field(default=None, metadata={"help": "Processes for tokenisation (datasets.map)."})
+    validation_split_percentage: float = field(
+        default=0, metadata={"help": "Percent of the training conversations held out for evaluation (0 = none)."}
+    )
+    strict_data: bool = field(
+        default=False, metadata={"help": "Fail on the first invalid record (file:line: reason) instead of skipping it."}
+    )
+
+    def __post_init__(self):
+        if not self.data_files:
+            raise ValueError("--data_files is required: one or more ChatML JSON/JSONL files.")
+        if self.max_length < 2:
+            raise ValueError(f"--max_length must be at least 2, got {self.max_length}.")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
+
+
+@dataclass
+class DFTTrainingArguments(TrainingArguments):
+    """transformers.TrainingArguments plus the DFT loss settings.
+
+    New fields: dft_alpha, loss_impl, loss_chunk_size, enable_gradient_checkpointing, logging_dir,
+    warmup_ratio (removed from transformers 5, still accepted here).
+    Changed defaults: prediction_loss_only=True (evaluation never gathers vocabulary-sized logits),
+    remove_unused_columns=False (the data pipeline already keeps only what the model takes).
+    """
+
+    dft_alpha: float = field(
+        default=1.0,
+        metadata={"help": "DFT weight mix in [0, 1]: w = sg(alpha * p + 1 - alpha). 1 = DFT (paper), 0 = plain SFT."},
+    )
+    loss_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "full: logits for every position; chunked: LM head in chunks of tokens, never all logits "
+            "(memory-efficient, same numbers); auto: chunked on GPU or with a vocabulary of 32K+, else full.",
+            "choices": LOSS_IMPL_CHOICES,
+        },
+    )
+    loss_chunk_size: int = field(
+        default=512, metadata={"help": "Supervised tokens per LM-head chunk with --loss_impl chunked."}
+    )
+    enable_gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward (non-reentrant) to save memory."}
+    )
+    logging_dir: str = field(
+        default=None, metadata={"help": "Directory for the run's log file and TensorBoard events (default: OUTPUT_DIR/logs)."}
+    )
+    warmup_ratio: float = field(
+        default=None,
+        metadata={"help": "Fraction of training steps for linear warm-up (kept from transformers 4; sets --warmup_steps)."},
+    )
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluation computes losses and metrics only, never gathers logits."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Drop dataset columns the model does not take (the data pipeline already does)."}
+    )
+
+    def __post_init__(self):
+        check_dft_alpha(self.dft_alpha)
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+            if self.warmup_steps:
+                raise ValueError("give --warmup_ratio or --warmup_steps, not both.")
+            self.warmup_steps = self.warmup_ratio  # transformers 5 reads a value below 1 as a ratio
+        if self.enable_gradient_checkpointing:
+            self.gradient_checkpointing = True
+            self.gradient_checkpointing_kwargs = self.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        cuda = torch.cuda.is_available() and not self.use_cpu
+        if self.fp16 and not cuda:
+            raise ValueError("--fp16 needs a CUDA GPU; on CPU drop it (fp32) or use --bf16.")
+        if self.bf16 and cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError("--bf16 is not supported by this GPU; use --fp16 instead.")
+        if self.logging_dir is None and self.output_dir:
+            self.logging_dir = os.path.join(self.output_dir, "logs")
+        if self.logging_dir:
+            # transformers 5 reads the TensorBoard directory from the environment.
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        super().__post_init__()
+        # Our loss divides by the supervised tokens of the whole step on all ranks; see dft_trainer.py.
+        self.average_tokens_across_devices = True
+
+
+def resolve_torch_dtype(model_args: ModelArguments, training_args: DFTTrainingArguments) -> torch.dtype:
+    """The dtype to load weights in (see --torch_dtype's help)."""
+    if model_args.torch_dtype != "auto":
+        return getattr(torch, model_args.torch_dtype)
+    if training_args.deepspeed and training_args.bf16:
+        return torch.bfloat16
+    if training_args.deepspeed and training_args.fp16:
+        return torch.float16
+    return torch.float32

@@ -1,0 +1,120 @@
+"""`DFTTrainer`: a `transformers.Trainer` whose loss is DFT and whose logs carry its metrics.
+
+Normalisation. Trainer counts N = supervised tokens of the whole optimizer step (every
+gradient-accumulation micro-batch, gathered over every data-parallel rank) and hands it to
+`compute_loss` as `num_items_in_batch`. Each rank returns sum_t(w_t * CE_t) / N over its own tokens.
+DDP and DeepSpeed then *average* gradients over ranks, i.e. divide by world_size, so each rank's loss
+is multiplied by world_size to end with exactly sum_all(w_t * dCE_t) / N, as Trainer does for its own
+losses (`average_tokens_across_devices`). The loss is already normalised for gradient accumulation,
+so Trainer must not divide it by the number of accumulation steps (`loss_is_scaled_for_ga`).
+
+Metrics. Each micro-batch adds detached sums (tokens, DFT loss, CE, p, correct) to a per-mode vector;
+`log()` reduces the vector over ranks once, divides once and clears it. Never an average of averages.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from dft_loss import IGNORE_INDEX, STAT_FIELDS, dft_loss_from_logits, metrics_from_stats
+from dft_loss_chunked import dft_loss_chunked, resolve_loss_impl
+
+
+def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | None:
+    """Supervised prediction targets in a list of micro-batches: labels[..., 1:] != IGNORE_INDEX."""
+    if not batches or "labels" not in batches[0]:
+        return None
+    return sum((batch["labels"][..., 1:] != IGNORE_INDEX).sum() for batch in batches)
+
+
+class DFTTrainer(Trainer):
+    """Trainer with the DFT loss. Reads `dft_alpha`, `loss_impl` and `loss_chunk_size` from its args."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss below returns a loss normalised by the step's token count.
+        self.loss_is_scaled_for_ga = True
+        self.model_accepts_loss_kwargs = True
+        self._stat_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
+        self._eval_prefix = "eval"
+        self.loss_impl = resolve_loss_impl(self.args.loss_impl, self.accelerator.unwrap_model(self.model))
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Takes the step's micro-batches and counts N over all of them and all ranks."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        supervised = count_supervised_tokens(batch_samples)
+        if supervised is not None:
+            supervised = supervised.to(device)
+            if self.accelerator.num_processes > 1:
+                # Every rank must join this collective, including one with an empty step.
+                supervised = self.accelerator.gather(supervised.reshape(1)).sum()
+        return batch_samples, supervised
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")  # (B, T), unshifted
+        training = model.training
+        # Evaluation normalises per batch; its logged loss is rebuilt from token sums in log().
+        step_tokens = num_items_in_batch if training else None
+        if self.loss_impl == "chunked":
+            result, outputs = dft_loss_chunked(
+                model, inputs, labels, self.args.dft_alpha, step_tokens, chunk_size=self.args.loss_chunk_size
+            )
+        else:
+            outputs = model(**inputs, use_cache=False)
+            result = dft_loss_from_logits(outputs.logits, labels, self.args.dft_alpha, step_tokens)
+        loss = result.loss
+        if training and num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # DDP / ZeRO average gradients over ranks; undo that average (see module docstring).
+            loss = loss * self.accelerator.num_processes
+        self._add_stats("train" if training else "eval", result.stats)
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def _add_stats(self, mode: str, stats: torch.Tensor) -> None:
+        current = self._stat_sums[mode]
+        self._stat_sums[mode] = stats if current is None else current + stats
+
+    def _reduce_stats(self, mode: str) -> list[float]:
+        """Sums the mode's stats over ranks (every rank calls log(), so this collective is matched)."""
+        stats = self._stat_sums[mode]
+        if stats is None:
+            stats = torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
+        stats = stats.to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        self._stat_sums[mode] = None
+        return stats.tolist()
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._eval_prefix = metric_key_prefix
+        self._stat_sums["eval"] = None
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        prefix = self._eval_prefix
+        if "loss" in logs:  # a training logging step
+            metrics = metrics_from_stats(self._reduce_stats("train"))
+            metrics.pop("dft_loss", None)  # `loss` already is the DFT loss
+            logs.update(metrics)
+            logs["dft_alpha"] = float(self.args.dft_alpha)
+        elif f"{prefix}_loss" in logs:  # the end of an evaluation
+            metrics = metrics_from_stats(self._reduce_stats("eval"))
+            if metrics:
+                # Token-weighted over the whole eval set, not a mean of per-batch means.
+                logs[f"{prefix}_loss"] = metrics["dft_loss"]
+                logs[f"{prefix}_ce_loss"] = metrics["ce_loss"]
+                logs[f"{prefix}_avg_p_correct"] = metrics["avg_p_correct"]
+                logs[f"{prefix}_token_accuracy"] = metrics["token_accuracy"]
+                logs[f"{prefix}_perplexity"] = math.exp(min(metrics["ce_loss"], 700.0))
+        super().log(logs, start_time)
