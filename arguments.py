@@ -140,6 +140,9 @@ class DFTTrainingArguments(TrainingArguments):
         if self.enable_gradient_checkpointing:
             self.gradient_checkpointing = True
             self.gradient_checkpointing_kwargs = self.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        if not torch.cuda.is_available() and not self.use_cpu:
+            # No GPU: run on CPU without asking for --use_cpu (--bf16 then means CPU autocast in bf16).
+            self.use_cpu = True
         cuda = torch.cuda.is_available() and not self.use_cpu
         if self.fp16 and not cuda:
             raise ValueError("--fp16 needs a CUDA GPU; on CPU drop it (fp32) or use --bf16.")

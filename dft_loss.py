@@ -34,7 +34,7 @@ STAT_FIELDS = ("tokens", "dft_loss_sum", "ce_sum", "p_sum", "correct")
 class DFTLossOutput:
     """The differentiable loss of one micro-batch and the detached sums behind the metrics."""
 
-    loss: torch.Tensor  # () fp32, already divided by the step's supervised-token count
+    loss: torch.Tensor  # () fp32 (float64 for float64 inputs), divided by the step's supervised-token count
     stats: torch.Tensor  # (len(STAT_FIELDS),) float64, detached sums over this micro-batch
 
 
@@ -56,7 +56,7 @@ def dft_token_terms(
     """DFT terms of already-selected supervised tokens.
 
     Args:
-        logits: (n, V) any float dtype; upcast to fp32 here.
+        logits: (n, V) any float dtype; upcast to at least fp32 here.
         targets: (n,) int64 token ids, all supervised.
         dft_alpha: weight mix in [0, 1].
 
@@ -64,7 +64,8 @@ def dft_token_terms(
         (weighted_ce, ce, p, correct), each (n,): `weighted_ce` carries the gradient; `ce`, `p`
         (probability of the target) and `correct` (argmax equals target, as float) are detached.
     """
-    logits32 = logits.float()  # (n, V)
+    # fp32 at least (bf16/fp16 logits are upcast); float64 inputs stay float64 (used by exactness tests).
+    logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n, V)
     log_normaliser = torch.logsumexp(logits32, dim=-1)  # (n,)
     target_logit = logits32.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n,)
     ce = log_normaliser - target_logit  # (n,) = -log p_t
@@ -96,7 +97,7 @@ def normaliser(num_items_in_batch: torch.Tensor | int | None, local_tokens: int,
     """
     if num_items_in_batch is None:
         num_items_in_batch = local_tokens
-    n = torch.as_tensor(num_items_in_batch, device=device, dtype=torch.float32).reshape(())
+    n = torch.as_tensor(num_items_in_batch, device=device, dtype=torch.float64).reshape(())
     return n.clamp(min=1.0)
 
 
@@ -131,7 +132,7 @@ def dft_loss_from_logits(
     selected_targets = targets[mask]  # (n,)
     weighted_ce, ce, p, correct = dft_token_terms(selected_logits, selected_targets, dft_alpha)
     n = normaliser(num_items_in_batch, selected_targets.numel(), logits.device)
-    loss = weighted_ce.sum() / n
+    loss = weighted_ce.sum() / n.to(weighted_ce.dtype)
     if selected_targets.numel() == 0:
         # Keep the autograd graph connected to the model even for an all-masked micro-batch.
         loss = loss + logits.sum() * 0.0

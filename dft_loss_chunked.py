@@ -41,8 +41,9 @@ class ChunkedDFTFunction(torch.autograd.Function):
         # own dtype, as their autograd gradient would be, so no (V, H) fp32 copy is added to the peak.
         grad_hidden = torch.empty_like(hidden) if compute_grads and hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight) if compute_grads and weight.requires_grad else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if compute_grads and bias is not None and bias.requires_grad else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_bias = torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32)) if compute_grads and bias is not None and bias.requires_grad else None
+        compute_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 at least
+        loss_sum = torch.zeros((), dtype=compute_dtype, device=hidden.device)
         stats = torch.zeros(5, dtype=torch.float64, device=hidden.device)
         stats[0] = float(n_tokens)
         for start in range(0, n_tokens, chunk_size):
@@ -52,7 +53,7 @@ class ChunkedDFTFunction(torch.autograd.Function):
             logits = hidden_chunk @ weight.t()  # (c, V) in the model dtype, as the LM head computes it
             if bias is not None:
                 logits = logits + bias
-            logits = logits.float()  # (c, V) fp32
+            logits = logits.to(compute_dtype)  # (c, V) fp32
             correct = (logits.argmax(dim=-1) == target_chunk).double().sum()
             log_normaliser = torch.logsumexp(logits, dim=-1)  # (c,)
             target_logit = logits.gather(-1, target_chunk.unsqueeze(-1)).squeeze(-1)  # (c,)
@@ -128,7 +129,7 @@ def dft_loss_from_hidden(
         selected_hidden, lm_head_weight, lm_head_bias, selected_targets, float(dft_alpha), int(chunk_size)
     )
     n = normaliser(num_items_in_batch, selected_targets.numel(), hidden_states.device)
-    loss = loss_sum / n
+    loss = loss_sum / n.to(loss_sum.dtype)
     if selected_targets.numel() == 0:
         # Keep the graph connected to the backbone so an all-masked micro-batch still runs backward.
         loss = loss + hidden_states.sum() * 0.0

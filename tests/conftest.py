@@ -7,14 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Tiny models gain nothing from several threads, and on a 2-core machine running 2-process tests,
+# OpenMP threads of several processes oversubscribe the cores and slow everything down many times.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SWANLAB_MODE", "offline")
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
 SAMPLE_FILES = [str(ROOT / "data" / "sample" / "chat_en.jsonl"), str(ROOT / "data" / "sample" / "chat_zh.json")]

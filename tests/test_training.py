@@ -1,0 +1,193 @@
+"""Integration tests: train_dft.main and DFTTrainer on the bundled tiny model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import train_dft
+from arguments import DFTTrainingArguments
+from data_utils import DataCollatorForDFT, tokenize_conversation
+from dft_loss import IGNORE_INDEX, shift_labels
+from dft_trainer import DFTTrainer
+
+pytestmark = pytest.mark.integration
+
+TRAIN_METRICS = {"loss", "grad_norm", "learning_rate", "avg_p_correct", "dft_alpha", "ce_loss", "token_accuracy"}
+EVAL_METRICS = {"eval_loss", "eval_ce_loss", "eval_avg_p_correct", "eval_token_accuracy", "eval_perplexity"}
+
+
+def test_demo_run_learns_logs_every_metric_and_saves_a_loadable_model(tmp_path, tiny_model_dir, sample_files):
+    out = tmp_path / "run"
+    summary = train_dft.main([
+        "--model_name_or_path", tiny_model_dir, "--data_files", *sample_files, "--output_dir", str(out),
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
+        "--logging_steps", "5", "--validation_split_percentage", "10", "--eval_strategy", "epoch",
+        "--save_strategy", "epoch", "--save_total_limit", "1", "--report_to", "none", "--disable_tqdm", "True",
+        "--max_length", "512", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine",
+    ])
+    assert summary["last_loss"] < summary["first_loss"]
+    assert summary["last_avg_p_correct"] > summary["first_avg_p_correct"]
+
+    checkpoints = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    train_logs = [e for e in state["log_history"] if "loss" in e]
+    eval_logs = [e for e in state["log_history"] if "eval_loss" in e]
+    assert train_logs and eval_logs
+    for entry in train_logs:
+        assert TRAIN_METRICS <= entry.keys()
+        assert entry["dft_alpha"] == 1.0
+        assert 0.0 < entry["avg_p_correct"] < 1.0 and 0.0 <= entry["token_accuracy"] <= 1.0
+    for entry in eval_logs:
+        assert EVAL_METRICS <= entry.keys()
+        assert entry["eval_perplexity"] == pytest.approx(torch.tensor(entry["eval_ce_loss"]).exp().item(), rel=1e-6)
+
+    assert (out / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def _four_sequences(tokenizer, sample_files):
+    """Four conversations of different lengths, tokenised with assistant-only labels."""
+    with open(sample_files[0], encoding="utf-8") as f:
+        records = [json.loads(line) for line in f][:40]
+    rows = [tokenize_conversation(tokenizer, r["messages"], 512) for r in records]
+    rows.sort(key=lambda r: r["length"])
+    picked = [rows[0], rows[12], rows[25], rows[-1]]
+    assert len({r["length"] for r in picked}) == 4
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in picked]
+
+
+def _reference_gradients(model, rows, alpha):
+    """float64 autograd over each sequence alone (no padding, no batching): sum w*CE / total tokens."""
+    model.zero_grad()
+    total_tokens = sum(sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX) for r in rows)
+    for row in rows:
+        input_ids = torch.tensor([row["input_ids"]])
+        targets = shift_labels(torch.tensor([row["labels"]]))[0]
+        logits = model(input_ids=input_ids).logits[0].double()  # (T, V)
+        mask = targets != IGNORE_INDEX
+        log_probs = torch.log_softmax(logits[mask], dim=-1)
+        ce = -log_probs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+        weight = (alpha * torch.exp(-ce) + 1 - alpha).detach()
+        ((weight * ce).sum() / total_tokens).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _one_sgd_step_delta(tmp_path, model_dir, rows, tokenizer, batch_size, accumulation, alpha):
+    """Runs one optimizer step of DFTTrainer with SGD(lr=1): the parameter change is minus the gradient."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = DFTTrainingArguments(
+        output_dir=str(tmp_path / f"b{batch_size}ga{accumulation}"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd", weight_decay=0.0,
+        max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[], save_strategy="no", dft_alpha=alpha,
+        loss_impl="full", disable_tqdm=True, logging_steps=1,
+    )
+    trainer = DFTTrainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorForDFT(tokenizer.pad_token_id))
+    trainer.train()
+    return {name: before[name] - p.detach() for name, p in model.named_parameters()}, trainer
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_gradient_accumulation_gives_the_same_gradients_as_one_big_batch(tmp_path, tiny_model_dir, tiny_tokenizer, sample_files, alpha):
+    rows = _four_sequences(tiny_tokenizer, sample_files)
+    reference_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64, attn_implementation="eager")
+    reference = _reference_gradients(reference_model, rows, alpha)
+    for batch_size, accumulation in [(4, 1), (1, 4), (2, 2)]:
+        delta, trainer = _one_sgd_step_delta(tmp_path, tiny_model_dir, rows, tiny_tokenizer, batch_size, accumulation, alpha)
+        for name, expected in reference.items():
+            torch.testing.assert_close(delta[name], expected, rtol=1e-6, atol=1e-12, msg=f"{name} b{batch_size}xGA{accumulation}")
+        logged = [e for e in trainer.state.log_history if "loss" in e][0]
+        assert logged["dft_alpha"] == alpha
+
+
+def test_chunked_and_full_train_identically(tmp_path, tiny_model_dir, tiny_tokenizer, sample_files):
+    rows = _four_sequences(tiny_tokenizer, sample_files)
+    deltas = {}
+    for impl in ("full", "chunked"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64, attn_implementation="eager")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args = DFTTrainingArguments(
+            output_dir=str(tmp_path / impl), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+            learning_rate=1.0, optim="sgd", weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+            report_to=[], save_strategy="no", loss_impl=impl, loss_chunk_size=7, disable_tqdm=True, logging_steps=1,
+        )
+        trainer = DFTTrainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorForDFT(tiny_tokenizer.pad_token_id))
+        assert trainer.loss_impl == impl
+        trainer.train()
+        deltas[impl] = ({n: before[n] - p.detach() for n, p in model.named_parameters()}, [e for e in trainer.state.log_history if "loss" in e][0])
+    (full_delta, full_log), (chunk_delta, chunk_log) = deltas["full"], deltas["chunked"]
+    for name in full_delta:
+        torch.testing.assert_close(chunk_delta[name], full_delta[name], rtol=1e-6, atol=1e-12)
+    for key in ("loss", "avg_p_correct", "ce_loss", "token_accuracy"):
+        assert chunk_log[key] == pytest.approx(full_log[key], rel=1e-6)
+
+
+def test_sft_alpha_zero_logged_loss_equals_ce_loss(tmp_path, tiny_model_dir, sample_files):
+    summary = train_dft.main([
+        "--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(tmp_path / "sft"),
+        "--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--dft_alpha", "0",
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--learning_rate", "0",
+    ])
+    assert summary["steps"] == 3
+    state_logs = json.loads((tmp_path / "sft" / "run_summary.json").read_text())
+    assert state_logs["first_loss"] == pytest.approx(state_logs["first_ce_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dft_alpha", "1.5"], "--dft_alpha"),
+        (["--attn_implementation", "flash_attention_2"], "flash-attn"),
+        (["--fp16", "True"], "--fp16"),
+        (["--loss_impl", "chunked", "--loss_chunk_size", "0"], "--loss_chunk_size"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, sample_files, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_dft.main(["--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(tmp_path), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("error:")
+
+
+def test_missing_model_and_missing_data_file_exit_2(tmp_path, tiny_model_dir, sample_files, capsys):
+    missing_model = str(tmp_path / "no-such-model")
+    with pytest.raises(SystemExit) as exit_info:
+        train_dft.main(["--model_name_or_path", missing_model, "--data_files", sample_files[0], "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert missing_model in capsys.readouterr().err
+    missing_data = str(tmp_path / "nothing.jsonl")
+    with pytest.raises(SystemExit) as exit_info:
+        train_dft.main(["--model_name_or_path", tiny_model_dir, "--data_files", missing_data, "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert missing_data in capsys.readouterr().err
+
+
+def test_yaml_config_file_is_read(tmp_path, tiny_model_dir, sample_files):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndata_files: [{sample_files[0]}]\noutput_dir: {tmp_path / 'yaml-run'}\n"
+        "max_steps: 2\nper_device_train_batch_size: 2\nreport_to: none\nsave_strategy: 'no'\ndft_alpha: 0.5\n"
+        "logging_steps: 1\nloss_impl: chunked\n"
+    )
+    summary = train_dft.main([str(config)])
+    assert summary["steps"] == 2
+    assert os.path.isfile(tmp_path / "yaml-run" / "model.safetensors")
+
+
+def test_bf16_on_cpu_falls_back_to_autocast(tmp_path, tiny_model_dir, sample_files):
+    summary = train_dft.main([
+        "--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(tmp_path / "bf16"),
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--bf16", "True", "--report_to", "none",
+        "--save_strategy", "no", "--logging_steps", "1",
+    ])
+    assert summary["steps"] == 2 and summary["first_loss"] > 0
