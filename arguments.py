@@ -16,6 +16,7 @@ from dft_loss import check_dft_alpha
 ATTN_CHOICES = ["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
 DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32"]
 LOSS_IMPL_CHOICES = ["auto", "full", "chunked"]
+LIGER_KERNELS_KEEPING_DFT = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
 
 
 @dataclass
@@ -137,6 +138,15 @@ class DFTTrainingArguments(TrainingArguments):
             if self.warmup_steps:
                 raise ValueError("give --warmup_ratio or --warmup_steps, not both.")
             self.warmup_steps = self.warmup_ratio  # transformers 5 reads a value below 1 as a ratio
+        if self.use_liger_kernel:
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ValueError("--use_liger_kernel needs the liger-kernel package (pip install -r requirements-gpu.txt).")
+            # Liger's fused linear cross-entropy would replace the DFT loss with plain SFT: keep only
+            # its loss-free kernels. Our compute_loss never passes labels to the model either.
+            self.liger_kernel_config = {
+                **(self.liger_kernel_config or {}),
+                **LIGER_KERNELS_KEEPING_DFT,
+            }
         if self.enable_gradient_checkpointing:
             self.gradient_checkpointing = True
             self.gradient_checkpointing_kwargs = self.gradient_checkpointing_kwargs or {"use_reentrant": False}

@@ -63,6 +63,9 @@ class DFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")  # (B, T), unshifted
+        # Trainer asks Liger-patched models to skip logits in evaluation and compute their own loss
+        # from labels; the model never gets labels here (it must not compute a loss of its own).
+        inputs.pop("skip_logits", None)
         training = model.training
         # Evaluation normalises per batch; its logged loss is rebuilt from token sums in log().
         step_tokens = num_items_in_batch if training else None

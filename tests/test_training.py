@@ -191,3 +191,32 @@ def test_bf16_on_cpu_falls_back_to_autocast(tmp_path, tiny_model_dir, sample_fil
         "--save_strategy", "no", "--logging_steps", "1",
     ])
     assert summary["steps"] == 2 and summary["first_loss"] > 0
+
+
+def test_model_never_receives_labels_so_no_library_loss_can_replace_dft(tmp_path, tiny_model_dir, tiny_tokenizer, sample_files):
+    """Liger's fused linear cross-entropy (and HF's own loss) engage only when the model gets labels."""
+    rows = _four_sequences(tiny_tokenizer, sample_files)
+    for impl in ("full", "chunked"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        seen: list[set] = []
+        model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+        args = DFTTrainingArguments(
+            output_dir=str(tmp_path / impl), per_device_train_batch_size=2, max_steps=1, report_to=[],
+            save_strategy="no", loss_impl=impl, disable_tqdm=True, eval_strategy="steps", eval_steps=1,
+            per_device_eval_batch_size=2,
+        )
+        trainer = DFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=DataCollatorForDFT(tiny_tokenizer.pad_token_id))
+        trainer.train()
+        assert seen and all("labels" not in kwargs and "skip_logits" not in kwargs for kwargs in seen)
+
+
+def test_liger_flag_keeps_only_loss_free_kernels():
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ValueError, match="--use_liger_kernel needs the liger-kernel package"):
+            DFTTrainingArguments(output_dir="unused", use_liger_kernel=True)
+    else:
+        args = DFTTrainingArguments(output_dir="unused", use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True})
+        assert args.liger_kernel_config["fused_linear_cross_entropy"] is False
+        assert args.liger_kernel_config["cross_entropy"] is False
