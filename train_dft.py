@@ -20,6 +20,7 @@ from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resol
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_supervision
 from dft_trainer import DFTTrainer
 from dist_logger import is_main_process, setup_logging
+from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
 
 EXIT_BAD_INPUT = 2
 
@@ -29,7 +30,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, DFTTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, DFTTrainingArguments, LoraArguments))
     argv = sys.argv[1:] if argv is None else argv
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
@@ -76,7 +77,10 @@ def summarize(trainer: DFTTrainer, wall_seconds: float) -> dict:
     return summary
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFTTrainingArguments) -> dict:
+def run(
+    model_args: ModelArguments, data_args: DataArguments, training_args: DFTTrainingArguments, lora_args: LoraArguments | None = None
+) -> dict:
+    lora_args = lora_args or LoraArguments()
     logger = setup_logging(training_args.logging_dir if is_main_process() else None)
     started = time.time()
     set_seed(training_args.seed)
@@ -84,7 +88,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFT
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
-    model = load_model(model_args, training_args, tokenizer)
+    model = apply_lora(load_model(model_args, training_args, tokenizer), lora_args, training_args)
     trainer = DFTTrainer(
         model=model,
         args=training_args,
@@ -92,10 +96,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFT
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id),
+        callbacks=lora_callbacks(lora_args),
     )
     logger.info("DFT loss: dft_alpha=%s, loss_impl=%s", training_args.dft_alpha, trainer.loss_impl)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if lora_args.merge_lora_on_save:  # collective under ZeRO-3: every rank calls it
+        save_merged_model(trainer.model, training_args.output_dir, tokenizer, on_this_rank=training_args.should_save)
     summary = summarize(trainer, time.time() - started)
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:
@@ -111,9 +118,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFT
 
 def main(argv: list[str] | None = None) -> dict:
     try:
-        model_args, data_args, training_args = parse_args(argv)
-        return run(model_args, data_args, training_args)
-    except (UsageError, DataError) as err:
+        model_args, data_args, training_args, lora_args = parse_args(argv)
+        return run(model_args, data_args, training_args, lora_args)
+    except (UsageError, DataError, LoraConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
