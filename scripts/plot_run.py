@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tracking import load_run_curves, plot_runs  # noqa: E402
+from run_plots import load_run_curves, plot_runs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:
