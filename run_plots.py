@@ -46,13 +46,13 @@ def _series(log_history: list[dict], key: str, need_train_entry: bool) -> tuple[
     return steps, values
 
 
-def plot_runs(runs: list[RunCurves], out_path: str, title: str) -> str:
+def plot_runs(runs: list[RunCurves], out_path: str, title: str, dpi: int = 100) -> str:
     """Draws every run's curves on one 2x3 figure (train: lines; eval: dashed with markers). Headless."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(15, 8.4), dpi=100, layout="constrained")
+    figure = Figure(figsize=(15, 8.4), dpi=dpi, layout="constrained")  # 1500 x 840 px at dpi 100
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 3)
     colors = [f"C{i}" for i in range(10)]

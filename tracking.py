@@ -275,6 +275,7 @@ class ProgressLogCallback(TrainerCallback):
         logger.info(progress_line(state.global_step, state.max_steps, elapsed, state.global_step - self.first_step, logs))
 
 
+# ---- trackers --------------------------------------------------------------------------------------
 def normalize_report_to(report_to: Any) -> list[str]:
     """`--report_to swanlab wandb`, `--report_to swanlab,wandb` or one name -> a list of tracker names.
 
@@ -294,7 +295,6 @@ def normalize_report_to(report_to: Any) -> list[str]:
     return names or ["none"]
 
 
-# ---- trackers --------------------------------------------------------------------------------------
 def tracker_project(env_name: str, training_args) -> str:
     project = getattr(training_args, "project", None)
     return os.environ.get(env_name) or (project if project and project != "huggingface" else DEFAULT_PROJECT)
@@ -389,7 +389,7 @@ class TokenCounter:
     def totals(self) -> tuple[int, int]:
         """(supervised tokens, all tokens) over all ranks. Every rank must call it (one all-reduce)."""
         device = self.trainer.args.device
-        local = torch.as_tensor(self.local_tokens, device=device, dtype=torch.float64).reshape(1)
+        local = torch.as_tensor(self.local_tokens, device=device, dtype=torch.int64).reshape(1)
         if self.trainer.accelerator.num_processes > 1:
             local = self.trainer.accelerator.reduce(local, reduction="sum")
         return int(torch.as_tensor(self.supervised).item()), int(local.item())
@@ -517,7 +517,9 @@ class RunRecorder:
         recorder = cls(trainer, run_config, started)
         args = trainer.args
         if trainer.is_world_process_zero():
-            write_json(os.path.join(args.output_dir, RUN_CONFIG_FILE), run_config)
+            path = os.path.join(args.output_dir, RUN_CONFIG_FILE)
+            write_json(path, run_config)
+            logger.info("run configuration in %s (git %s)", path, run_config["git_commit"])
         report_to = set(args.report_to or [])
         if "swanlab" in report_to and start_swanlab(trainer, run_config):
             recorder.trackers.append("swanlab")

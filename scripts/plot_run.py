@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training output directories")
     parser.add_argument("--out", default="comparison.png", help="PNG to write (default: comparison.png)")
     parser.add_argument("--title", default=None, help="figure title (default: the run labels)")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution; the figure is 15 x 8.4 inches (default: 100)")
     args = parser.parse_args(argv)
     try:
         runs = [load_run_curves(run_dir) for run_dir in args.run_dirs]
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> str:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     title = args.title or " vs ".join(run.label for run in runs)
-    out = plot_runs(runs, args.out, title)
+    out = plot_runs(runs, args.out, title, dpi=args.dpi)
     print(f"wrote {out}")
     return out
 
