@@ -166,13 +166,13 @@ def data_totals(data_summary: Any, train_dataset=None, eval_dataset=None, output
     if isinstance(dropped, dict):
         totals.setdefault("dropped_at_tokenisation", sum(dropped.values()))
     for split, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-        if dataset is None:
-            continue
-        totals[f"{split}_conversations"] = len(dataset)
-        if {"input_ids", "labels"} <= set(dataset.column_names):
+        try:
+            totals[f"{split}_conversations"] = len(dataset)
             counts = dataset_token_totals(dataset)
-            totals[f"{split}_tokens_per_epoch"] = counts["tokens"]
-            totals[f"{split}_supervised_tokens_per_epoch"] = counts["supervised_tokens"]
+        except (TypeError, KeyError, AttributeError):  # no dataset, a streaming one, or other columns
+            continue
+        totals[f"{split}_tokens_per_epoch"] = counts["tokens"]
+        totals[f"{split}_supervised_tokens_per_epoch"] = counts["supervised_tokens"]
     if report_path and os.path.isfile(report_path):
         totals["data_report"] = report_path
     return totals
@@ -220,13 +220,14 @@ def write_json(path: str, payload: dict) -> None:
 
 # ---- progress --------------------------------------------------------------------------------------
 def configure_progress_bars(training_args) -> None:
-    """--disable_tqdm also silences the datasets (preprocessing) bars; other ranks never show them."""
+    """--disable_tqdm also silences the tokenisation (datasets) and model-saving (transformers) bars,
+    which would otherwise fill a nohup log with carriage returns. Other ranks never show them."""
     import datasets
+    import transformers
 
     if training_args.disable_tqdm:
         datasets.disable_progress_bars()
-    else:
-        datasets.enable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def format_duration(seconds: float) -> str:
@@ -359,6 +360,16 @@ class RunConfigToTensorBoard(TrainerCallback):
         writer = self.tensorboard_callback.tb_writer
         if state.is_world_process_zero and writer is not None:
             writer.add_text("run_config", "```\n" + json.dumps(self.run_config, indent=2, default=str) + "\n```")
+
+
+class SessionStart(TrainerCallback):
+    """When this training session started: the step is only known after a checkpoint's state is loaded."""
+
+    def __init__(self):
+        self.step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
 
 
 class TokenCounter:
@@ -505,7 +516,7 @@ class RunRecorder:
         self.trainer = trainer
         self.run_config = run_config
         self.started = started or time.time()
-        self.first_step = 0
+        self.session = SessionStart()
         self.trackers: list[str] = []
         self.tokens = TokenCounter(trainer)
 
@@ -530,7 +541,7 @@ class RunRecorder:
         if args.disable_tqdm:
             trainer.remove_callback(PrinterCallback)
             trainer.add_callback(ProgressLogCallback())
-        recorder.first_step = trainer.state.global_step
+        trainer.add_callback(recorder.session)
         return recorder
 
     def finish(self, train_output=None) -> dict:
@@ -548,7 +559,7 @@ class RunRecorder:
             wall_seconds=time.time() - self.started,
             train_seconds=metrics.get("train_runtime"),
             global_step=trainer.state.global_step,
-            steps_this_session=trainer.state.global_step - self.first_step,
+            steps_this_session=trainer.state.global_step - self.session.step,
             supervised_tokens=supervised_tokens,
             total_tokens=total_tokens,
             memory=peak_memory(),

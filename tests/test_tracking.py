@@ -97,6 +97,32 @@ def test_data_totals_tolerate_whatever_the_data_report_holds(tmp_path):
     assert from_file["conversations"] == 42 and from_file["data_report"].endswith("data_report.json")
 
 
+def test_data_totals_count_tokens_of_real_and_skip_streaming_datasets():
+    from datasets import Dataset
+
+    rows = {"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [-100, -100]], "attention_mask": [[1, 1, 1], [1, 1]]}
+    dataset = Dataset.from_dict(rows)
+    totals = tracking.data_totals({}, dataset, dataset.to_iterable_dataset())
+    assert totals == {"train_conversations": 2, "train_tokens_per_epoch": 5, "train_supervised_tokens_per_epoch": 2}
+    # Row selection (filter / split) goes through an indices mapping: only the selected rows count.
+    assert tracking.data_totals({}, dataset.select([1]))["train_supervised_tokens_per_epoch"] == 0
+
+
+def test_disable_tqdm_silences_preprocessing_and_saving_bars():
+    from types import SimpleNamespace
+
+    import datasets
+    import transformers
+
+    try:
+        tracking.configure_progress_bars(SimpleNamespace(disable_tqdm=True))
+        assert not datasets.is_progress_bar_enabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+
+
 def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
     assert tracking.git_commit(str(tmp_path)) == "unknown"
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tracking.git_commit())
