@@ -12,6 +12,7 @@ import torch
 from transformers import TrainingArguments
 
 from dft_loss import check_dft_alpha
+from tracking import normalize_report_to
 
 ATTN_CHOICES = ["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
 DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32"]
@@ -127,9 +128,18 @@ class DFTTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Drop dataset columns the model does not take (the data pipeline already does)."}
     )
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "Trackers: swanlab, wandb, tensorboard (or any transformers integration), none or all; "
+            "several as `--report_to swanlab wandb` or `swanlab,wandb`. WANDB_MODE=offline and "
+            "SWANLAB_MODE=offline work without a network. See README, Experiment tracking."
+        },
+    )
 
     def __post_init__(self):
         check_dft_alpha(self.dft_alpha)
+        self.report_to = normalize_report_to(self.report_to)
         if self.loss_chunk_size < 1:
             raise ValueError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
         if self.warmup_ratio is not None:

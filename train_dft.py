@@ -8,7 +8,6 @@ See README.md for every flag; `bash scripts/train.sh` wraps this for CPU, one GP
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -21,6 +20,7 @@ from data_utils import DataCollatorForDFT, DataError, build_datasets, format_sup
 from dft_trainer import DFTTrainer
 from dist_logger import is_main_process, setup_logging
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
+from tracking import RunRecorder, build_run_config, configure_progress_bars
 
 EXIT_BAD_INPUT = 2
 
@@ -66,17 +66,6 @@ def load_model(model_args: ModelArguments, training_args: DFTTrainingArguments, 
     return model
 
 
-def summarize(trainer: DFTTrainer, wall_seconds: float) -> dict:
-    """First and last logged training metrics, for the console and run_summary.json."""
-    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry and "avg_p_correct" in entry]
-    summary = {"wall_seconds": round(wall_seconds, 1), "steps": trainer.state.global_step, "output_dir": trainer.args.output_dir}
-    if train_logs:
-        for key in ("loss", "avg_p_correct", "ce_loss", "token_accuracy"):
-            summary[f"first_{key}"] = train_logs[0][key]
-            summary[f"last_{key}"] = train_logs[-1][key]
-    return summary
-
-
 def run(
     model_args: ModelArguments, data_args: DataArguments, training_args: DFTTrainingArguments, lora_args: LoraArguments | None = None
 ) -> dict:
@@ -84,6 +73,7 @@ def run(
     logger = setup_logging(training_args.logging_dir if is_main_process() else None)
     started = time.time()
     set_seed(training_args.seed)
+    configure_progress_bars(training_args)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
@@ -99,21 +89,13 @@ def run(
         callbacks=lora_callbacks(lora_args),
     )
     logger.info("DFT loss: dft_alpha=%s, loss_impl=%s", training_args.dft_alpha, trainer.loss_impl)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    run_config = build_run_config(model_args, data_args, training_args, data_summary, train_dataset, eval_dataset)
+    recorder = RunRecorder.start(trainer, run_config, started)
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if lora_args.merge_lora_on_save:  # collective under ZeRO-3: every rank calls it
         save_merged_model(trainer.model, training_args.output_dir, tokenizer, on_this_rank=training_args.should_save)
-    summary = summarize(trainer, time.time() - started)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        if "first_loss" in summary:
-            logger.info(
-                "done in %.0f s, %d steps: loss %.4f -> %.4f, avg_p_correct %.4f -> %.4f; model saved to %s",
-                summary["wall_seconds"], summary["steps"], summary["first_loss"], summary["last_loss"],
-                summary["first_avg_p_correct"], summary["last_avg_p_correct"], training_args.output_dir,
-            )
-    return summary
+    return recorder.finish(train_output)  # run_summary.json, training_curves.png, trainer_state.json
 
 
 def main(argv: list[str] | None = None) -> dict:

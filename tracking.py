@@ -1,0 +1,595 @@
+"""Experiment tracking and run records: what produced an output directory, and how training went.
+
+A run leaves in OUTPUT_DIR:
+    run_config.json      every argument, git commit, library versions, hardware, data totals (written
+                         before training, so a crashed run still says what it was)
+    trainer_state.json   the final log history (transformers' format; `scripts/plot_run.py` reads it)
+    training_curves.png  loss, ce_loss, avg_p_correct, token_accuracy, grad_norm, learning_rate, eval
+                         (drawn by run_plots.py, which scripts/plot_run.py also uses)
+    run_summary.json     wall time, steps, tokens, tokens/s, peak memory, final/best metrics, model path
+
+Trackers (`--report_to swanlab wandb tensorboard`, any subset) get the same run configuration. Only rank 0
+creates a tracker run. transformers' own SwanLab callback calls `swanlab.get_run()`, which raises
+"No active Run" in swanlab >= 0.8 before any run exists; it is replaced by swanlab's own integration
+(`swanlab.integration.transformers.SwanLabCallback`) on a run we start ourselves.
+
+Local tracker files go with the run: wandb under WANDB_DIR or LOGGING_DIR, swanlab under
+SWANLAB_LOG_DIR or LOGGING_DIR/swanlog, TensorBoard events in LOGGING_DIR. WANDB_MODE=offline and
+SWANLAB_MODE=offline (or local) work without a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from run_plots import CURVES_FILE, RunCurves, plot_runs, run_label
+
+logger = logging.getLogger("dft.tracking")
+
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "accelerate", "peft", "swanlab", "wandb", "tensorboard")
+DEFAULT_PROJECT = "dft-trainer"
+RUN_CONFIG_FILE = "run_config.json"
+RUN_SUMMARY_FILE = "run_summary.json"
+TRAIN_METRICS = ("loss", "ce_loss", "avg_p_correct", "token_accuracy", "grad_norm", "learning_rate", "dft_alpha")
+# Which way is better for each eval metric (for "best eval metrics").
+EVAL_GOALS = {
+    "eval_loss": min,
+    "eval_ce_loss": min,
+    "eval_perplexity": min,
+    "eval_avg_p_correct": max,
+    "eval_token_accuracy": max,
+}
+
+
+# ---- run configuration ---------------------------------------------------------------------------
+def git_commit(path: str = PROJECT_ROOT) -> str:
+    """The project's commit, with "-dirty" when tracked files changed; "unknown" outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else (commit or "unknown")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    if torch.cuda.is_available():
+        versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_info() -> dict[str, Any]:
+    """The machine this rank runs on: GPUs when visible, the CPU always."""
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    if torch.cuda.is_available():
+        info["gpu_count"] = torch.cuda.device_count()
+        info["gpus"] = [
+            {"name": torch.cuda.get_device_name(i), "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+            for i in range(torch.cuda.device_count())
+        ]
+    else:
+        info["gpu_count"] = 0
+    return info
+
+
+def _get(record: Any, key: str, default: Any = None) -> Any:
+    """A field of a dict or an object (FileReport dataclass), else default."""
+    if isinstance(record, dict):
+        return record.get(key, default)
+    return getattr(record, key, default)
+
+
+def dataset_token_totals(dataset) -> dict[str, int]:
+    """Tokens and supervised tokens (labels != -100) in one epoch of a tokenised dataset, via Arrow."""
+    import pyarrow.compute as pc
+
+    tokens = supervised = 0
+    for batch in dataset.with_format("arrow").iter(batch_size=10_000):
+        tokens += pc.sum(pc.list_value_length(batch.column("input_ids"))).as_py() or 0
+        labels = pc.list_flatten(batch.column("labels"))
+        supervised += pc.sum(pc.not_equal(labels, -100).cast("int64")).as_py() or 0
+    return {"tokens": tokens, "supervised_tokens": supervised}
+
+
+def data_totals(data_summary: Any, train_dataset=None, eval_dataset=None, output_dir: str | None = None) -> dict[str, Any]:
+    """Totals of the data report, tolerant of whichever keys the data pipeline provides.
+
+    Prefers `summary["totals"]`, then OUTPUT_DIR/data_report.json's "totals", and always adds what it can
+    count itself (records read/kept/skipped per the file reports, dropped conversations, dataset sizes).
+    """
+    totals: dict[str, Any] = {}
+    summary = data_summary if isinstance(data_summary, dict) else {}
+    report_path = os.path.join(output_dir, "data_report.json") if output_dir else None
+    if isinstance(summary.get("totals"), dict):
+        totals.update(summary["totals"])
+    elif report_path and os.path.isfile(report_path):
+        try:
+            with open(report_path, encoding="utf-8") as f:
+                report = json.load(f)
+            if isinstance(report, dict) and isinstance(report.get("totals"), dict):
+                totals.update(report["totals"])
+        except (OSError, ValueError):
+            pass
+    files = summary.get("files")
+    if isinstance(files, list) and files:
+        totals.setdefault("files", len(files))
+        totals.setdefault("records_read", sum(int(_get(r, "read", 0) or 0) for r in files))
+        totals.setdefault("records_kept", sum(int(_get(r, "kept", 0) or 0) for r in files))
+        totals.setdefault("records_skipped", sum(sum(dict(_get(r, "skipped", {}) or {}).values()) for r in files))
+    dropped = summary.get("dropped_at_tokenisation")
+    if isinstance(dropped, dict):
+        totals.setdefault("dropped_at_tokenisation", sum(dropped.values()))
+    for split, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+        try:
+            totals[f"{split}_conversations"] = len(dataset)
+            counts = dataset_token_totals(dataset)
+        except (TypeError, KeyError, AttributeError):  # no dataset, a streaming one, or other columns
+            continue
+        totals[f"{split}_tokens_per_epoch"] = counts["tokens"]
+        totals[f"{split}_supervised_tokens_per_epoch"] = counts["supervised_tokens"]
+    if report_path and os.path.isfile(report_path):
+        totals["data_report"] = report_path
+    return totals
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: enums, paths and other objects become strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return value.value if isinstance(value, enum.Enum) else str(value)
+
+
+def run_name(training_args) -> str:
+    return training_args.run_name or os.path.basename(os.path.normpath(training_args.output_dir))
+
+
+def build_run_config(model_args, data_args, training_args, data_summary=None, train_dataset=None, eval_dataset=None) -> dict:
+    """Everything needed to know, weeks later, what produced an output directory."""
+    return {
+        "run_name": run_name(training_args),
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "hardware": hardware_info(),
+        "data": data_totals(data_summary, train_dataset, eval_dataset, training_args.output_dir),
+        "arguments": {
+            "model": _plain(dataclasses.asdict(model_args)),
+            "data": _plain(dataclasses.asdict(data_args)),
+            "training": _plain(training_args.to_dict()),  # to_dict() redacts tokens
+        },
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+
+
+# ---- progress --------------------------------------------------------------------------------------
+def configure_progress_bars(training_args) -> None:
+    """--disable_tqdm also silences the tokenisation (datasets) and model-saving (transformers) bars,
+    which would otherwise fill a nohup log with carriage returns. Other ranks never show them."""
+    import datasets
+    import transformers
+
+    if training_args.disable_tqdm:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def progress_line(step: int, max_steps: int, elapsed: float, steps_done: int, logs: dict[str, Any]) -> str:
+    """One log line: step/total, percent, elapsed, ETA and the step's metrics.
+
+    `steps_done` counts only this session's steps (after a resume) so the rate, and the ETA, are real.
+    """
+    total = max(max_steps, 1)
+    rate = steps_done / elapsed if elapsed > 0 and steps_done > 0 else 0.0
+    eta = (total - step) / rate if rate > 0 else float("nan")
+    parts = [
+        f"step {step}/{max_steps} ({100 * step / total:.0f}%)",
+        f"elapsed {format_duration(elapsed)}",
+        f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}",
+    ]
+    if rate > 0:
+        parts.append(f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step")
+    for key, value in logs.items():
+        if key == "total_flos" or not isinstance(value, (int, float)):
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+class ProgressLogCallback(TrainerCallback):
+    """With --disable_tqdm (nohup logs): one line per log/eval step on rank 0, instead of a printed dict."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+        self.first_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or self.started is None:
+            return
+        elapsed = time.time() - self.started
+        logger.info(progress_line(state.global_step, state.max_steps, elapsed, state.global_step - self.first_step, logs))
+
+
+# ---- trackers --------------------------------------------------------------------------------------
+def normalize_report_to(report_to: Any) -> list[str]:
+    """`--report_to swanlab wandb`, `--report_to swanlab,wandb` or one name -> a list of tracker names.
+
+    Raises:
+        ValueError: an unknown tracker name (the message names --report_to and the choices).
+    """
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    items = [report_to] if report_to is None or isinstance(report_to, str) else list(report_to)
+    names = [name.strip() for item in items if item for name in str(item).split(",") if name.strip()]
+    known = ["none", "all", *INTEGRATION_TO_CALLBACK]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"--report_to {' '.join(unknown)}: unknown tracker; choose from {', '.join(known)}.")
+    if len(names) > 1 and ("none" in names or "all" in names):
+        raise ValueError("--report_to none / all cannot be combined with other trackers.")
+    return names or ["none"]
+
+
+def tracker_project(env_name: str, training_args) -> str:
+    project = getattr(training_args, "project", None)
+    return os.environ.get(env_name) or (project if project and project != "huggingface" else DEFAULT_PROJECT)
+
+
+def start_swanlab(trainer, run_config: dict) -> bool:
+    """Swaps transformers' SwanLab callback for swanlab's own, on a run started here (rank 0 only)."""
+    from transformers.integrations import SwanLabCallback as HFSwanLabCallback
+
+    if trainer.pop_callback(HFSwanLabCallback) is None:
+        return False
+    import swanlab
+    from swanlab.integration.transformers import SwanLabCallback
+
+    trainer.add_callback(SwanLabCallback())
+    if not trainer.is_world_process_zero():
+        return False
+    args = trainer.args
+    log_dir = os.environ.get("SWANLAB_LOG_DIR") or os.path.join(args.logging_dir or args.output_dir, "swanlog")
+    os.makedirs(log_dir, exist_ok=True)
+    # The mode comes from SWANLAB_MODE (online / local / offline / disabled), as swanlab documents.
+    swanlab.init(project=tracker_project("SWANLAB_PROJECT", args), name=run_config["run_name"], log_dir=log_dir, config=run_config)
+    return True
+
+
+def start_wandb(trainer, run_config: dict) -> bool:
+    """Starts the wandb run here (rank 0) so it gets our config and dir; transformers' callback reuses it."""
+    if not trainer.is_world_process_zero():
+        return False
+    import wandb
+
+    args = trainer.args
+    wandb_dir = os.environ.get("WANDB_DIR") or args.logging_dir or args.output_dir
+    os.makedirs(wandb_dir, exist_ok=True)
+    wandb.init(project=tracker_project("WANDB_PROJECT", args), name=run_config["run_name"], dir=wandb_dir, config=run_config)
+    return True
+
+
+def setup_tensorboard(trainer, run_config: dict) -> None:
+    """Events go to --logging_dir, and the run configuration goes along as text.
+
+    transformers reads the TensorBoard directory from an environment variable that the *first* arguments
+    parsed in this process set; a second run in the same process must not write into the first's."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in list(trainer.callback_handler.callbacks):
+        if isinstance(callback, TensorBoardCallback):
+            if trainer.args.logging_dir:
+                callback.logging_dir = trainer.args.logging_dir
+            trainer.add_callback(RunConfigToTensorBoard(callback, run_config))
+
+
+class RunConfigToTensorBoard(TrainerCallback):
+    """Adds run_config.json as text to the TensorBoard run. Registered after transformers'
+    TensorBoardCallback, whose writer exists from its on_train_begin on."""
+
+    def __init__(self, tensorboard_callback, run_config: dict):
+        self.tensorboard_callback = tensorboard_callback
+        self.run_config = run_config
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        writer = self.tensorboard_callback.tb_writer
+        if state.is_world_process_zero and writer is not None:
+            writer.add_text("run_config", "```\n" + json.dumps(self.run_config, indent=2, default=str) + "\n```")
+
+
+class SessionStart(TrainerCallback):
+    """When this training session started: the step is only known after a checkpoint's state is loaded."""
+
+    def __init__(self):
+        self.step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+
+class TokenCounter:
+    """Counts the tokens of this session's optimizer steps without a device sync per step.
+
+    Supervised tokens: the step's `num_items_in_batch` (DFTTrainer already sums it over micro-batches and
+    ranks). All tokens: this rank's attention-mask sum, reduced over ranks once in `totals()`.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.supervised: torch.Tensor | int = 0
+        self.local_tokens: torch.Tensor | int = 0
+        original = trainer.get_batch_samples
+
+        def counting_get_batch_samples(epoch_iterator, num_batches, device):
+            batches, num_items_in_batch = original(epoch_iterator, num_batches, device)
+            if num_items_in_batch is not None:
+                self.supervised = self.supervised + num_items_in_batch
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                self.local_tokens = self.local_tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
+            return batches, num_items_in_batch
+
+        # Trainer looks the method up on the instance, so this wraps only this trainer's counting.
+        trainer.get_batch_samples = counting_get_batch_samples
+
+    def totals(self) -> tuple[int, int]:
+        """(supervised tokens, all tokens) over all ranks. Every rank must call it (one all-reduce)."""
+        device = self.trainer.args.device
+        local = torch.as_tensor(self.local_tokens, device=device, dtype=torch.int64).reshape(1)
+        if self.trainer.accelerator.num_processes > 1:
+            local = self.trainer.accelerator.reduce(local, reduction="sum")
+        return int(torch.as_tensor(self.supervised).item()), int(local.item())
+
+
+# ---- summary ---------------------------------------------------------------------------------------
+def peak_memory() -> dict[str, Any]:
+    """Peak memory of this process: GPU (allocated and reserved by torch) when on GPU, and the RSS peak."""
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_gib = rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+    memory: dict[str, Any] = {"process_rss_peak_gib": round(rss_gib, 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory["device"] = f"cuda:{torch.cuda.current_device()}"
+        memory["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        memory["gpu_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        memory["peak_gib"] = memory["gpu_peak_allocated_gib"]
+    else:
+        memory["device"] = "cpu"
+        memory["peak_gib"] = memory["process_rss_peak_gib"]
+    return memory
+
+
+def train_log_entries(log_history: list[dict]) -> list[dict]:
+    return [entry for entry in log_history if "loss" in entry and "step" in entry]
+
+
+def best_eval_metrics(log_history: list[dict]) -> dict[str, dict[str, float]]:
+    """For each eval metric, its best value over the run and the step it was reached at."""
+    best: dict[str, dict[str, float]] = {}
+    for name, goal in EVAL_GOALS.items():
+        points = [(entry[name], entry.get("step", 0)) for entry in log_history if isinstance(entry.get(name), (int, float))]
+        if points:
+            value, step = goal(points, key=lambda point: point[0])
+            best[name] = {"value": value, "step": step}
+    return best
+
+
+def summarize_run(
+    log_history: list[dict],
+    *,
+    run_name: str,
+    output_dir: str,
+    wall_seconds: float,
+    train_seconds: float | None,
+    global_step: int,
+    steps_this_session: int,
+    supervised_tokens: int,
+    total_tokens: int,
+    memory: dict[str, Any],
+    train_loss: float | None = None,
+) -> dict[str, Any]:
+    """The run's record for the console and run_summary.json (pure: everything comes in as arguments)."""
+    train_logs = train_log_entries(log_history)
+    seconds = train_seconds if train_seconds else wall_seconds
+    summary: dict[str, Any] = {
+        "run_name": run_name,
+        "model_path": os.path.abspath(output_dir),
+        "output_dir": output_dir,
+        "wall_seconds": round(wall_seconds, 1),
+        "train_seconds": round(seconds, 1),
+        "steps": global_step,
+        "steps_this_session": steps_this_session,
+        "supervised_tokens": supervised_tokens,
+        "total_tokens": total_tokens,
+        "tokens_per_second": round(total_tokens / seconds, 1) if seconds > 0 else None,
+        "supervised_tokens_per_second": round(supervised_tokens / seconds, 1) if seconds > 0 else None,
+        "peak_memory": memory,
+        "train_loss": train_loss,
+        "final_train_metrics": {},
+        "best_eval_metrics": best_eval_metrics(log_history),
+    }
+    if train_logs:
+        last = train_logs[-1]
+        summary["final_train_metrics"] = {key: last[key] for key in ("step", "epoch", *TRAIN_METRICS) if key in last}
+        # Kept flat for scripts that compare the start and the end of a run.
+        for key in ("loss", "avg_p_correct", "ce_loss", "token_accuracy"):
+            if key in last:
+                summary[f"first_{key}"] = train_logs[0][key]
+                summary[f"last_{key}"] = last[key]
+    return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """Human-readable summary for the console / train.log."""
+    memory = summary["peak_memory"]
+    lines = [
+        f"run {summary['run_name']}: {summary['steps']} steps in {format_duration(summary['wall_seconds'])} "
+        f"(training {summary['train_seconds']:.1f} s)",
+        f"tokens: {summary['total_tokens']:,} total, {summary['supervised_tokens']:,} supervised; "
+        f"{summary['tokens_per_second'] or 0:,.0f} tokens/s, {summary['supervised_tokens_per_second'] or 0:,.0f} supervised tokens/s",
+        f"peak memory ({memory['device']}): {memory['peak_gib']:.2f} GiB",
+    ]
+    final = summary["final_train_metrics"]
+    if final:
+        shown = ", ".join(f"{k} {final[k]:.4g}" for k in ("loss", "ce_loss", "avg_p_correct", "token_accuracy") if k in final)
+        first = ", ".join(f"{k} {summary['first_' + k]:.4f} -> {summary['last_' + k]:.4f}" for k in ("loss", "avg_p_correct") if "first_" + k in summary)
+        lines.append(f"final train metrics: {shown}" + (f" ({first})" if first else ""))
+    if summary["best_eval_metrics"]:
+        lines.append(
+            "best eval metrics: "
+            + ", ".join(f"{k} {v['value']:.4g} (step {v['step']})" for k, v in summary["best_eval_metrics"].items())
+        )
+    lines.append(f"model saved to {summary['model_path']}")
+    return lines
+
+
+# ---- the recorder train_dft.run uses -------------------------------------------------------------
+class RunRecorder:
+    """Ties the pieces to one trainer: `start()` before train(), `finish()` after save_model()."""
+
+    def __init__(self, trainer, run_config: dict, started: float | None = None):
+        self.trainer = trainer
+        self.run_config = run_config
+        self.started = started or time.time()
+        self.session = SessionStart()
+        self.trackers: list[str] = []
+        self.tokens = TokenCounter(trainer)
+
+    @classmethod
+    def start(cls, trainer, run_config: dict, started: float | None = None) -> "RunRecorder":
+        """Writes run_config.json (rank 0), starts the selected trackers, installs the progress lines.
+
+        `started`: when the run began (time.time()), so the wall time includes data and model loading."""
+        recorder = cls(trainer, run_config, started)
+        args = trainer.args
+        if trainer.is_world_process_zero():
+            path = os.path.join(args.output_dir, RUN_CONFIG_FILE)
+            write_json(path, run_config)
+            logger.info("run configuration in %s (git %s)", path, run_config["git_commit"])
+        report_to = set(args.report_to or [])
+        if "swanlab" in report_to and start_swanlab(trainer, run_config):
+            recorder.trackers.append("swanlab")
+        if "wandb" in report_to and start_wandb(trainer, run_config):
+            recorder.trackers.append("wandb")
+        if "tensorboard" in report_to:
+            setup_tensorboard(trainer, run_config)
+        if args.disable_tqdm:
+            trainer.remove_callback(PrinterCallback)
+            trainer.add_callback(ProgressLogCallback())
+        trainer.add_callback(recorder.session)
+        return recorder
+
+    def finish(self, train_output=None) -> dict:
+        """Saves trainer_state.json, writes the summary and the curves (rank 0), closes the trackers.
+
+        Every rank must call it (the token totals are reduced over ranks)."""
+        trainer = self.trainer
+        supervised_tokens, total_tokens = self.tokens.totals()
+        trainer.save_state()  # OUTPUT_DIR/trainer_state.json: the final log history, for plot_run.py
+        metrics = getattr(train_output, "metrics", None) or {}
+        summary = summarize_run(
+            trainer.state.log_history,
+            run_name=self.run_config["run_name"],
+            output_dir=trainer.args.output_dir,
+            wall_seconds=time.time() - self.started,
+            train_seconds=metrics.get("train_runtime"),
+            global_step=trainer.state.global_step,
+            steps_this_session=trainer.state.global_step - self.session.step,
+            supervised_tokens=supervised_tokens,
+            total_tokens=total_tokens,
+            memory=peak_memory(),
+            train_loss=metrics.get("train_loss"),
+        )
+        if trainer.is_world_process_zero():
+            output_dir = trainer.args.output_dir
+            dft_alpha = trainer.args.dft_alpha
+            curves = RunCurves(run_label(self.run_config["run_name"], dft_alpha), trainer.state.log_history)
+            summary["training_curves"] = plot_runs([curves], os.path.join(output_dir, CURVES_FILE), f"{curves.label}: training curves")
+            write_json(os.path.join(output_dir, RUN_SUMMARY_FILE), summary)
+            for line in summary_lines(summary):
+                logger.info(line)
+            self._close_trackers(summary)
+        return summary
+
+    def _close_trackers(self, summary: dict) -> None:
+        numbers = {
+            key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        numbers["peak_memory_gib"] = summary["peak_memory"]["peak_gib"]
+        if "wandb" in self.trackers:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.summary.update({f"run_summary/{k}": v for k, v in numbers.items()})
+                wandb.finish()
+        if "swanlab" in self.trackers:
+            import swanlab
+
+            if swanlab.has_run():
+                swanlab.config.update({"run_summary": _plain(summary)})
+                swanlab.finish()
