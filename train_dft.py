@@ -20,6 +20,7 @@ from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resol
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_supervision
 from dft_trainer import DFTTrainer
 from dist_logger import is_main_process, setup_logging
+from packing import apply_packing, check_model_for_packing, check_packing_attention
 
 EXIT_BAD_INPUT = 2
 
@@ -65,6 +66,16 @@ def load_model(model_args: ModelArguments, training_args: DFTTrainingArguments, 
     return model
 
 
+def check_packing(model_args: ModelArguments, model=None) -> None:
+    """--packing needs an attention kernel that keeps packed conversations apart (see packing.py)."""
+    try:
+        check_packing_attention(model_args.attn_implementation)
+        if model is not None:
+            check_model_for_packing(model)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def summarize(trainer: DFTTrainer, wall_seconds: float) -> dict:
     """First and last logged training metrics, for the console and run_summary.json."""
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry and "avg_p_correct" in entry]
@@ -80,18 +91,28 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFT
     logger = setup_logging(training_args.logging_dir if is_main_process() else None)
     started = time.time()
     set_seed(training_args.seed)
+    if data_args.packing:
+        check_packing(model_args)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
+    data_collator = DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id)
+    if data_args.packing:
+        train_dataset, eval_dataset, data_collator, data_summary["packing"] = apply_packing(
+            train_dataset, eval_dataset, data_args.max_length, model_args.attn_implementation, tokenizer.pad_token_id,
+            data_args.preprocessing_num_workers,
+        )
     model = load_model(model_args, training_args, tokenizer)
+    if data_args.packing:
+        check_packing(model_args, model)
     trainer = DFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id),
+        data_collator=data_collator,
     )
     logger.info("DFT loss: dft_alpha=%s, loss_impl=%s", training_args.dft_alpha, trainer.loss_impl)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
