@@ -154,6 +154,8 @@ class DFTTrainingArguments(TrainingArguments):
                 raise ValueError("give --warmup_ratio or --warmup_steps, not both.")
             self.warmup_steps = self.warmup_ratio  # transformers 5 reads a value below 1 as a ratio
         if self.group_by_length:
+            if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+                raise ValueError("--group_by_length needs a transformers release with train_sampling_strategy; upgrade transformers.")
             if self.train_sampling_strategy not in ("random", "group_by_length"):
                 raise ValueError(
                     f"--group_by_length conflicts with --train_sampling_strategy {self.train_sampling_strategy}; give one of them."
