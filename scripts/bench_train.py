@@ -1,7 +1,7 @@
 """End-to-end training throughput of DFTTrainer on random-init models of real shapes (JSON out).
 
     # realistic lengths (long-tailed, median ~600, tail to max_length): batch 1 vs padded vs packed
-    python scripts/bench_train.py --model tiny --mode realistic --max_length 4096            # CPU
+    python scripts/bench_train.py --model tiny --mode realistic --max_length 2048 --steps 4 --warmup 1  # CPU
     python scripts/bench_train.py --model qwen2.5-1.5b --mode realistic --max_length 8192 \
         --gradient_checkpointing --configs batch1 padded packed packed_flex                   # GPU
     # fixed 8K rows, batch 1, beside TRL's SFTTrainer(loss_type="dft") with and without Liger (issue 6)
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt_fraction", type=float, default=0.3, help="Leading share of a conversation left unsupervised.")
     parser.add_argument("--conversations", type=int, default=4000, help="Conversations generated (realistic mode).")
     parser.add_argument("--padded_batch_size", type=int, default=8, help="Conversations per batch for padded configs.")
-    parser.add_argument("--steps", type=int, default=8, help="Timed optimizer steps.")
+    parser.add_argument("--steps", type=int, default=20, help="Timed optimizer steps.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed optimizer steps before them.")
     parser.add_argument("--attn", default="sdpa", help="Attention implementation (packed_flex uses flex_attention).")
     parser.add_argument("--loss_impl", default="auto", choices=["auto", "full", "chunked"], help="DFT loss implementation.")
