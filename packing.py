@@ -234,7 +234,7 @@ def apply_packing(train_dataset, eval_dataset, max_length: int, attn_implementat
         eval_dataset = pack_dataset(eval_dataset, max_length, num_proc)
     stats = packing_stats(train_dataset, max_length)
     logger.info(
-        "packing: %d conversations into %d rows of at most %d tokens, efficiency %.1f%% (real tokens / rows x max_length)",
+        "%d conversations packed into %d rows of at most %d tokens, efficiency %.1f%% (real tokens / rows x max_length)",
         stats["conversations"], stats["rows"], max_length, 100 * stats["efficiency"],
     )
     collator = DataCollatorForPacking(pad_token_id=pad_token_id, flatten=attn_implementation in FLATTEN_ATTENTION)

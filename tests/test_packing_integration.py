@@ -54,7 +54,7 @@ def test_one_step_over_the_same_conversations_is_the_same_packed_or_not(tiny_mod
     for key in ("loss", "avg_p_correct", "ce_loss", "token_accuracy", "grad_norm"):
         assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
     log = open(tmp_path / "packed" / "logs" / "train.log").read()
-    assert f"packing: {CONVERSATIONS} conversations into" in log and "efficiency" in log
+    assert f"{CONVERSATIONS} conversations packed into" in log and "efficiency" in log
 
 
 def test_check_packing_names_both_flags(tiny_model_dir):
