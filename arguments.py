@@ -77,6 +77,14 @@ class DataArguments:
     strict_data: bool = field(
         default=False, metadata={"help": "Fail on the first invalid record (file:line: reason) instead of skipping it."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Padding-free packing: whole conversations packed into rows of at most --max_length tokens "
+            "(best-fit decreasing), position_ids restarting per conversation, attention kept inside each one "
+            "(needs --attn_implementation sdpa, eager, flex_attention or flash_attention_2). Same loss and metrics."
+        },
+    )
 
     def __post_init__(self):
         if not self.data_files:
@@ -92,7 +100,8 @@ class DFTTrainingArguments(TrainingArguments):
     """transformers.TrainingArguments plus the DFT loss settings.
 
     New fields: dft_alpha, loss_impl, loss_chunk_size, enable_gradient_checkpointing, logging_dir,
-    warmup_ratio (removed from transformers 5, still accepted here).
+    warmup_ratio (removed from transformers 5, still accepted here), group_by_length (sets
+    train_sampling_strategy).
     Changed defaults: prediction_loss_only=True (evaluation never gathers vocabulary-sized logits),
     remove_unused_columns=False (the data pipeline already keeps only what the model takes).
     """
@@ -136,6 +145,13 @@ class DFTTrainingArguments(TrainingArguments):
             "SWANLAB_MODE=offline work without a network. See README, Experiment tracking."
         },
     )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch conversations of similar length together (less padding, without --packing): "
+            "transformers' LengthGroupedSampler, i.e. --train_sampling_strategy group_by_length."
+        },
+    )
 
     def __post_init__(self):
         check_dft_alpha(self.dft_alpha)
@@ -157,6 +173,14 @@ class DFTTrainingArguments(TrainingArguments):
                 **(self.liger_kernel_config or {}),
                 **LIGER_KERNELS_KEEPING_DFT,
             }
+        if self.group_by_length:
+            if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+                raise ValueError("--group_by_length needs a transformers release with train_sampling_strategy; upgrade transformers.")
+            if self.train_sampling_strategy not in ("random", "group_by_length"):
+                raise ValueError(
+                    f"--group_by_length conflicts with --train_sampling_strategy {self.train_sampling_strategy}; give one of them."
+                )
+            self.train_sampling_strategy = "group_by_length"
         if self.enable_gradient_checkpointing:
             self.gradient_checkpointing = True
             self.gradient_checkpointing_kwargs = self.gradient_checkpointing_kwargs or {"use_reentrant": False}

@@ -21,6 +21,7 @@ from dft_trainer import DFTTrainer
 from dist_logger import is_main_process, setup_logging
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
 from tracking import RunRecorder, build_run_config, configure_progress_bars
+from packing import apply_packing, check_model_for_packing, check_packing_attention
 
 EXIT_BAD_INPUT = 2
 
@@ -66,6 +67,16 @@ def load_model(model_args: ModelArguments, training_args: DFTTrainingArguments, 
     return model
 
 
+def check_packing(model_args: ModelArguments, model=None) -> None:
+    """--packing needs an attention kernel that keeps packed conversations apart (see packing.py)."""
+    try:
+        check_packing_attention(model_args.attn_implementation)
+        if model is not None:
+            check_model_for_packing(model)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def run(
     model_args: ModelArguments, data_args: DataArguments, training_args: DFTTrainingArguments, lora_args: LoraArguments | None = None
 ) -> dict:
@@ -74,18 +85,28 @@ def run(
     started = time.time()
     set_seed(training_args.seed)
     configure_progress_bars(training_args)
+    if data_args.packing:
+        check_packing(model_args)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
+    data_collator = DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id)
+    if data_args.packing:
+        train_dataset, eval_dataset, data_collator, data_summary["packing"] = apply_packing(
+            train_dataset, eval_dataset, data_args.max_length, model_args.attn_implementation, tokenizer.pad_token_id,
+            data_args.preprocessing_num_workers,
+        )
     model = apply_lora(load_model(model_args, training_args, tokenizer), lora_args, training_args)
+    if data_args.packing:
+        check_packing(model_args, model)
     trainer = DFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id),
+        data_collator=data_collator,
         callbacks=lora_callbacks(lora_args),
     )
     logger.info("DFT loss: dft_alpha=%s, loss_impl=%s", training_args.dft_alpha, trainer.loss_impl)
