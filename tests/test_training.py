@@ -54,6 +54,14 @@ def test_demo_run_learns_logs_every_metric_and_saves_a_loadable_model(tmp_path, 
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    """max |actual - expected| <= tolerance * max |expected|: relative to the tensor's scale, so entries
+    that are zero up to rounding (unused embedding rows, say) do not turn rounding into failures."""
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= tolerance * scale, f"{what}: max error {error:.3e} vs scale {scale:.3e}"
+
+
 def _four_sequences(tokenizer, sample_files):
     """Four conversations of different lengths, tokenised with assistant-only labels."""
     with open(sample_files[0], encoding="utf-8") as f:
@@ -104,7 +112,7 @@ def test_gradient_accumulation_gives_the_same_gradients_as_one_big_batch(tmp_pat
     for batch_size, accumulation in [(4, 1), (1, 4), (2, 2)]:
         delta, trainer = _one_sgd_step_delta(tmp_path, tiny_model_dir, rows, tiny_tokenizer, batch_size, accumulation, alpha)
         for name, expected in reference.items():
-            torch.testing.assert_close(delta[name], expected, rtol=1e-6, atol=1e-12, msg=f"{name} b{batch_size}xGA{accumulation}")
+            assert_relative_close(delta[name], expected, 1e-6, f"{name} b{batch_size}xGA{accumulation}")
         logged = [e for e in trainer.state.log_history if "loss" in e][0]
         assert logged["dft_alpha"] == alpha
 
@@ -126,7 +134,7 @@ def test_chunked_and_full_train_identically(tmp_path, tiny_model_dir, tiny_token
         deltas[impl] = ({n: before[n] - p.detach() for n, p in model.named_parameters()}, [e for e in trainer.state.log_history if "loss" in e][0])
     (full_delta, full_log), (chunk_delta, chunk_log) = deltas["full"], deltas["chunked"]
     for name in full_delta:
-        torch.testing.assert_close(chunk_delta[name], full_delta[name], rtol=1e-6, atol=1e-12)
+        assert_relative_close(chunk_delta[name], full_delta[name], 1e-6, name)
     for key in ("loss", "avg_p_correct", "ce_loss", "token_accuracy"):
         assert chunk_log[key] == pytest.approx(full_log[key], rel=1e-6)
 
