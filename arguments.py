@@ -62,7 +62,8 @@ class DataArguments:
     """Where the ChatML conversations come from and how they are tokenised."""
 
     data_files: list[str] = field(
-        default=None, metadata={"help": "One or more ChatML JSON/JSONL files (merged into one dataset). Required."}
+        default=None,
+        metadata={"help": "ChatML/ShareGPT data: files (.jsonl, .json, .json(l).gz, .parquet), directories or globs, merged. Required."},
     )
     eval_data_files: list[str] = field(
         default=None, metadata={"help": "Evaluation files; overrides --validation_split_percentage."}
@@ -74,6 +75,13 @@ class DataArguments:
     )
     strict_data: bool = field(
         default=False, metadata={"help": "Fail on the first invalid record (file:line: reason) instead of skipping it."}
+    )
+    data_cache_dir: str = field(
+        default=None,
+        metadata={
+            "help": "Where tokenised datasets are cached, keyed by files, tokenizer, template and settings "
+            "(default: HF_DATASETS_CACHE/dft_trainer; 'none' disables the cache)."
+        },
     )
 
     def __post_init__(self):

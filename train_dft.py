@@ -17,7 +17,7 @@ import time
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype
-from data_utils import DataCollatorForDFT, DataError, build_datasets, format_supervision
+from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
 from dft_trainer import DFTTrainer
 from dist_logger import is_main_process, setup_logging
 
@@ -82,6 +82,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFT
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
+    if is_main_process():
+        logger.info("data report (%s):\n%s", write_data_report(data_summary, training_args.output_dir), format_data_report(data_summary))
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
     model = load_model(model_args, training_args, tokenizer)
