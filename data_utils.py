@@ -596,56 +596,56 @@ class ConversationTokenizer:
     # -- tokens --------------------------------------------------------------------------------
 
     @staticmethod
-    def _labels_from_offsets(input_ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
-        """Supervises each token whose characters overlap a span.
+    def _token_range(encoding, start: int, end: int) -> tuple[int, int] | None:
+        """[first, last + 1) tokens holding the characters start..end-1 of the text, or None.
 
-        offsets: (T, 2) character ranges. Some tokenizers trim whitespace off offsets (a "\\n\\n" token
-        may get an empty range); widening each start back to the previous token's end restores them.
-        Bytes of one character split over several tokens share its range and are all kept.
+        Asks the Rust encoding (`char_to_token`) instead of walking every offset in Python. Characters
+        that map to no token (whitespace some tokenizers trim off offsets) are stepped over; the bytes
+        of a character split over several tokens (Chinese in a byte-level BPE) are all taken.
         """
-        if not spans or not input_ids:
-            return [IGNORE_INDEX] * len(input_ids)
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2)
-        starts, ends = offsets[:, 0], offsets[:, 1]
-        previous_ends = np.concatenate(([0], ends[:-1]))
-        starts = np.minimum(starts, previous_ends)
-        span_starts = np.array([s for s, _ in spans])
-        span_ends = np.array([e for _, e in spans])
-        candidate = np.searchsorted(span_ends, starts, side="right")  # first span ending after the start
-        inside = candidate < len(spans)
-        overlap = np.zeros(len(input_ids), dtype=bool)
-        overlap[inside] = span_starts[candidate[inside]] < ends[inside]
-        overlap &= ends > starts
-        ids = np.asarray(input_ids, dtype=np.int64)
-        return np.where(overlap, ids, IGNORE_INDEX).tolist()
+        first = next((t for t in map(encoding.char_to_token, range(start, end)) if t is not None), None)
+        if first is None:
+            return None
+        last = next(t for t in map(encoding.char_to_token, range(end - 1, start - 1, -1)) if t is not None) + 1
+        while last < len(encoding) and encoding.token_to_chars(last)[0] < end:
+            last += 1
+        return first, last
 
-    def _encode(self, texts: list[str], spans_per_text: list) -> list[tuple[list[int], list[int]]]:
-        if getattr(self.tokenizer, "is_fast", False):
-            encodings = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            return [
-                (ids, self._labels_from_offsets(ids, offsets, spans))
-                for ids, offsets, spans in zip(encodings["input_ids"], encodings["offset_mapping"], spans_per_text)
-            ]
+    def _encode(self, texts: list[str], spans_per_text: list) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """[(input_ids, [token ranges to supervise])] per text."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            results = []
+            for encoding, spans in zip(backend.encode_batch(texts, add_special_tokens=False), spans_per_text):
+                ranges = [self._token_range(encoding, start, end) for start, end in spans]
+                results.append((encoding.ids, [r for r in ranges if r is not None]))
+            return results
         # Slow tokenizers have no offsets: tokenise the text piece by piece at span boundaries.
         results = []
         for text, spans in zip(texts, spans_per_text):
-            ids, labels, position = [], [], 0
+            ids, ranges, position = [], [], 0
             for start, end in spans:
-                for piece, supervised in ((text[position:start], False), (text[start:end], True)):
-                    piece_ids = self.tokenizer.encode(piece, add_special_tokens=False) if piece else []
-                    ids += piece_ids
-                    labels += piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids)
+                ids += self.tokenizer.encode(text[position:start], add_special_tokens=False) if start > position else []
+                supervised = self.tokenizer.encode(text[start:end], add_special_tokens=False)
+                ranges.append((len(ids), len(ids) + len(supervised)))
+                ids += supervised
                 position = end
-            tail = self.tokenizer.encode(text[position:], add_special_tokens=False) if text[position:] else []
-            results.append((ids + tail, labels + [IGNORE_INDEX] * len(tail)))
+            ids += self.tokenizer.encode(text[position:], add_special_tokens=False) if text[position:] else []
+            results.append((ids, ranges))
         return results
 
-    def _row(self, input_ids: list[int], labels: list[int]) -> dict[str, Any]:
+    def _row(self, input_ids: list[int], ranges: list[tuple[int, int]]) -> dict[str, Any]:
+        """The dataset row: labels from the supervised token ranges, truncated to max_length."""
         truncated = len(input_ids) > self.max_length
-        input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        # Position 0 is never a prediction target after the causal shift.
-        supervised = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-        if not supervised:
+        input_ids = input_ids[: self.max_length]
+        labels = [IGNORE_INDEX] * len(input_ids)
+        supervised = 0
+        for first, last in ranges:
+            last = min(last, len(input_ids))
+            if first < last:
+                labels[first:last] = input_ids[first:last]
+                supervised += last - max(first, 1)  # position 0 is never a target after the causal shift
+        if supervised <= 0:
             reason = TRUNCATED_TO_NOTHING if truncated else NO_SUPERVISED_TOKEN
             return _dropped_row(reason, truncated)
         return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "supervised": supervised,
@@ -665,8 +665,8 @@ class ConversationTokenizer:
             rows.append(None)
             texts.append(text)
             spans_per_text.append(spans)
-        for position, (input_ids, labels) in zip(positions, self._encode(texts, spans_per_text)):
-            rows[position] = self._row(input_ids, labels)
+        for position, (input_ids, ranges) in zip(positions, self._encode(texts, spans_per_text)):
+            rows[position] = self._row(input_ids, ranges)
         return {key: [row[key] for row in rows] for key in TOKENISED_COLUMNS}
 
     def tokenize(self, messages: list[dict]) -> dict[str, Any]:
