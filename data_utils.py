@@ -190,6 +190,16 @@ def check_data_file(path: str) -> None:
 # 2. Reading records
 
 
+class BrokenLine(str):
+    """The skip reason of a line that is not JSON; the parser's message is kept for --strict_data only,
+    so the report groups all broken lines under one reason."""
+
+    def __new__(cls, detail: str):
+        reason = super().__new__(cls, "broken JSON line")
+        reason.detail = detail
+        return reason
+
+
 def _iter_json_array(path: str, text: str) -> Iterator[tuple[int, Any, str | None]]:
     """Yields (line, element, None) for each element of a JSON array, with its real line number."""
     decoder = json.JSONDecoder()
@@ -268,7 +278,7 @@ def iter_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
         try:
             yield line_number, json.loads(line), None
         except json.JSONDecodeError as err:
-            yield line_number, None, f"broken JSON line ({err.msg})"
+            yield line_number, None, BrokenLine(f"{err.msg} at column {err.colno}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,7 +397,8 @@ def read_file_records(path: str, source: int, strict: bool, split: str = "train"
         where = f"{path}:{line_number}"
         if error is not None:
             if strict:
-                raise DataError(f"{where}: {error}; fix the record or drop --strict_data to skip such records")
+                detail = f" ({error.detail})" if isinstance(error, BrokenLine) else ""
+                raise DataError(f"{where}: {error}{detail}; fix the record or drop --strict_data to skip such records")
             report.skip(error, where)
             continue
         report.kept += 1

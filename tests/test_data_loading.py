@@ -188,7 +188,7 @@ def test_every_record_is_kept_or_skipped_with_file_line_examples(tmp_path):
     rows, report = read_file_records(path, source=3, strict=False)
     assert [row["line"] for row in rows] == [1, 3] and {row["source"] for row in rows} == {3}
     assert report.read == 8 == report.kept + sum(report.skipped.values())  # the blank line is not a record
-    assert report.skipped == {"no assistant turn": 4, "broken JSON line (Expecting value)": 1, "record is not a JSON object": 1}
+    assert report.skipped == {"no assistant turn": 4, "broken JSON line": 1, "record is not a JSON object": 1}
     assert report.examples["no assistant turn"] == [f"{path}:2", f"{path}:4", f"{path}:5"]  # the first three
     assert report.to_dict()["skipped"] == 6
 
@@ -198,6 +198,10 @@ def test_strict_data_fails_on_the_first_invalid_record_with_file_and_line(tmp_pa
     with pytest.raises(DataError) as err:
         load_conversations([path], strict=True)
     assert str(err.value).startswith(f"{path}:2: unknown role 'bot'; ")
+    broken = write_jsonl(tmp_path / "b.jsonl", [GOOD], raw_lines=['{"messages": [}'])
+    with pytest.raises(DataError) as err:
+        load_conversations([broken], strict=True)
+    assert str(err.value).startswith(f"{broken}:2: broken JSON line (Expecting value at column 15); ")
 
 
 def test_a_file_without_any_json_record_fails(tmp_path):
