@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -542,8 +543,14 @@ class ConversationTokenizer:
     def _skeleton(self, roles: tuple[str, ...]) -> list | None:
         """[literal0, index1, literal1, index2, ...] of the template for these roles; None if unusable."""
         if roles not in self._skeletons:
+            if len(self._skeletons) >= 10_000:  # bounded: role sequences repeat, but never hold unbounded memory
+                self._skeletons.clear()
             placeholders = [{"role": role, "content": _PLACEHOLDER.format(i)} for i, role in enumerate(roles)]
-            rendered = self.render(placeholders)
+            try:
+                rendered = self.render(placeholders)
+            except Exception:  # a template that inspects content may reject placeholders: use the fallback
+                self._skeletons[roles] = None
+                return None
             parts = _PLACEHOLDER_RE.split(rendered)
             layout: list = [parts[0]]
             for index_text, literal in zip(parts[1::2], parts[2::2]):
@@ -962,17 +969,31 @@ def build_datasets(data_args, tokenizer, training_args):
             skipped.update(file_report["skipped_by_reason"])
         raise DataError(f"{', '.join(train_files)}: no usable conversation left (skipped: {dict(skipped)}); check the data "
                         "with scripts/inspect_data.py")
+    if eval_files and (eval_dataset is None or len(eval_dataset) == 0):
+        raise DataError(f"{', '.join(eval_files)}: no usable evaluation conversation left (see the report); "
+                        "check --eval_data_files")
     eval_source = "--eval_data_files" if eval_files else None
     if eval_dataset is None and data_args.validation_split_percentage > 0:
         if len(train_dataset) < 2:
             raise DataError(f"--validation_split_percentage {data_args.validation_split_percentage}: only "
                             f"{len(train_dataset)} conversation, nothing left to hold out; set it to 0")
-        split = train_dataset.train_test_split(test_size=data_args.validation_split_percentage / 100, seed=training_args.seed if training_args is not None else 42)
-        train_dataset, eval_dataset = split["train"], split["test"]
+        seed = training_args.seed if training_args is not None else 42
+        train_dataset, eval_dataset = split_for_validation(train_dataset, data_args.validation_split_percentage, seed)
         eval_source = f"--validation_split_percentage {data_args.validation_split_percentage}"
     report["splits"] = {"train": len(train_dataset), "eval": len(eval_dataset) if eval_dataset is not None else 0, "eval_from": eval_source}
     report["totals"] = _totals(report["files"])
     return train_dataset, eval_dataset, report
+
+
+def split_for_validation(dataset, percentage: float, seed: int):
+    """(train, eval): a random `percentage` of the rows (rounded up) held out, the same ones for the same seed.
+
+    The row indices live in memory (datasets' train_test_split would write index files into the cache entry).
+    """
+    held_out = math.ceil(len(dataset) * percentage / 100)
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return (dataset.select(np.sort(order[held_out:]), keep_in_memory=True),
+            dataset.select(np.sort(order[:held_out]), keep_in_memory=True))
 
 
 def _totals(files: list[dict]) -> dict:

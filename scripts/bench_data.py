@@ -5,7 +5,9 @@
 
 Measures the tokenising stage of the pipeline (`datasets.map` of `ConversationTokenizer`, the code
 `build_datasets` runs) and the whole `build_datasets` (read JSONL, normalise, tokenise, save) with the
-cache off. Tokenizers' own thread pool is turned off so that one worker uses one core.
+cache off. Tokenizers' own thread pool is turned off so that one worker uses one core. Besides wall-clock
+conversations/s it reports conversations per CPU-second (this process plus its map workers), which is
+what one worker achieves with a core to itself, even on a machine shared with other jobs.
 --profile adds where one worker's time goes (template rendering, span finding, tokenizer, labels).
 """
 
@@ -15,12 +17,12 @@ import argparse
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
 from types import SimpleNamespace
 
-os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core; set before tokenizers loads
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_utils import ConversationTokenizer, build_datasets, ensure_chat_template  # noqa: E402
@@ -48,21 +50,29 @@ def synthetic_conversation(rng: random.Random, turns: int = 3) -> dict:
     return {"messages": messages}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the datasets.map workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def bench_map(rows: list[dict], tokenizer, workers: int, max_length: int) -> dict:
     from datasets import Dataset
 
     dataset = Dataset.from_list(rows)
     encoder = ConversationTokenizer(tokenizer, max_length)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     tokenised = dataset.map(encoder, batched=True, batch_size=500, num_proc=workers if workers > 1 else None,
                             remove_columns=["messages"], new_fingerprint=f"bench-{workers}-{time.time()}")
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     lengths = tokenised["length"]
     return {
         "workers": workers,
         "seconds": round(seconds, 2),
         "conversations_per_s": round(len(rows) / seconds, 1),
         "conversations_per_s_per_worker": round(len(rows) / seconds / workers, 1),
+        "cpu_seconds": round(cpu, 2),
+        "conversations_per_cpu_s": round(len(rows) / cpu, 1),
         "mean_tokens": round(sum(lengths) / len(lengths), 1),
         "tokens_per_s": round(sum(lengths) / seconds),
     }
@@ -71,10 +81,11 @@ def bench_map(rows: list[dict], tokenizer, workers: int, max_length: int) -> dic
 def bench_build(path: str, tokenizer, workers: int, max_length: int, count: int) -> dict:
     data_args = SimpleNamespace(data_files=[path], eval_data_files=None, max_length=max_length, preprocessing_num_workers=workers,
                                 validation_split_percentage=0, strict_data=False, data_cache_dir="none")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     build_datasets(data_args, tokenizer, None)
-    seconds = time.perf_counter() - started
-    return {"workers": workers, "seconds": round(seconds, 2), "conversations_per_s": round(count / seconds, 1)}
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    return {"workers": workers, "seconds": round(seconds, 2), "conversations_per_s": round(count / seconds, 1),
+            "cpu_seconds": round(cpu, 2), "conversations_per_cpu_s": round(count / cpu, 1)}
 
 
 def profile(rows: list[dict], tokenizer, max_length: int) -> dict:
@@ -107,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip_build", action="store_true", help="Time only the tokenising map, not build_datasets.")
     parser.add_argument("--profile", action="store_true", help="Also time each step of one worker on 2,000 conversations.")
     args = parser.parse_args(argv)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core
 
     from datasets.utils.logging import disable_progress_bar
     from transformers import AutoTokenizer
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(0)
     rows = [synthetic_conversation(rng) for _ in range(args.num_conversations)]
     result = {"tokenizer": args.tokenizer, "fast_tokenizer": bool(tokenizer.is_fast), "conversations": len(rows),
-              "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0], "tokenise_map": [], "build_datasets": []}
+              "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg()[0], "tokenise_map": [], "build_datasets": []}
     for workers in args.workers:
         result["tokenise_map"].append(bench_map(rows, tokenizer, workers, args.max_length))
     if not args.skip_build:
@@ -129,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                 result["build_datasets"].append(bench_build(path, tokenizer, workers, args.max_length, len(rows)))
     if args.profile:
         result["profile_ms_per_conversation"] = profile(rows[:2000], tokenizer, args.max_length)
+    result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))
     return result
 

@@ -161,6 +161,8 @@ def test_validation_split_is_deterministic_and_eval_files_override_it(tmp_path, 
     assert len(eval_a) == 32 and len(train_a) == 288 and report["splits"]["eval_from"] == "--validation_split_percentage 10"
     assert eval_a["input_ids"] == eval_b["input_ids"] and train_a["input_ids"] == train_b["input_ids"]
     assert eval_a["input_ids"] != eval_c["input_ids"]
+    cached = os.path.join(report["cache"]["path"], "train")
+    assert sorted(os.listdir(cached)) == ["data-00000-of-00001.arrow", "dataset_info.json", "state.json"]  # no split files
     train, evaluation, report = split(1, eval_data_files=[sample_files[1]])
     assert len(train) == 320 and len(evaluation) == 120
     assert report["splits"] == {"train": 320, "eval": 120, "eval_from": "--eval_data_files"}
