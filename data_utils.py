@@ -653,27 +653,25 @@ class ConversationTokenizer:
         return results
 
     def _row(self, input_ids: list[int], ranges: list[tuple[int, int]]) -> dict[str, Any]:
-        """The dataset row: labels from the supervised token ranges, truncated to max_length."""
+        """One row: labels from the supervised token ranges, truncated to max_length; int32 arrays."""
         truncated = len(input_ids) > self.max_length
-        input_ids = input_ids[: self.max_length]
-        labels = [IGNORE_INDEX] * len(input_ids)
+        ids = np.asarray(input_ids[: self.max_length], dtype=np.int32)  # (T,)
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)  # (T,)
         supervised = 0
         for first, last in ranges:
-            last = min(last, len(input_ids))
+            last = min(last, len(ids))
             if first < last:
-                labels[first:last] = input_ids[first:last]
+                labels[first:last] = ids[first:last]
                 supervised += last - max(first, 1)  # position 0 is never a target after the causal shift
         if supervised <= 0:
-            reason = TRUNCATED_TO_NOTHING if truncated else NO_SUPERVISED_TOKEN
-            return _dropped_row(reason, truncated)
-        return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "supervised": supervised,
+            return _dropped_row(TRUNCATED_TO_NOTHING if truncated else NO_SUPERVISED_TOKEN, truncated)
+        return {"input_ids": ids, "labels": labels, "length": len(ids), "supervised": supervised,
                 "truncated": truncated, "drop_reason": ""}
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        """`datasets.map(batched=True)` function: never raises, marks bad rows with `drop_reason`."""
+    def _rows(self, conversations: list[list[dict]]) -> list[dict[str, Any]]:
         rows: list[dict | None] = []
         texts, spans_per_text, positions = [], [], []
-        for messages in batch["messages"]:
+        for messages in conversations:
             try:
                 text, spans = self.supervised_char_spans(messages)
             except DataError as err:
@@ -685,7 +683,39 @@ class ConversationTokenizer:
             spans_per_text.append(spans)
         for position, (input_ids, ranges) in zip(positions, self._encode(texts, spans_per_text)):
             rows[position] = self._row(input_ids, ranges)
-        return {key: [row[key] for row in rows] for key in TOKENISED_COLUMNS}
+        return rows
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        """`datasets.map(batched=True)` function returning Python lists; never raises, marks bad rows
+        with `drop_reason`."""
+        rows = self._rows(batch["messages"])
+        columns = {key: [row[key] for row in rows] for key in TOKENISED_COLUMNS}
+        columns["input_ids"] = [ids.tolist() for ids in columns["input_ids"]]
+        columns["labels"] = [labels.tolist() for labels in columns["labels"]]
+        return columns
+
+    def to_arrow(self, batch: dict[str, list]):
+        """The same as __call__, as an Arrow table built from flat int32 buffers (what the pipeline maps:
+        about 20% less CPU than Python lists). Passes "source" and "line" through when present."""
+        import pyarrow as pa
+
+        rows = self._rows(batch["messages"])
+        lengths = np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int32, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        empty = np.zeros(0, dtype=np.int32)
+        columns = {
+            "input_ids": pa.ListArray.from_arrays(offsets, np.concatenate([row["input_ids"] for row in rows] or [empty])),
+            "labels": pa.ListArray.from_arrays(offsets, np.concatenate([row["labels"] for row in rows] or [empty])),
+            "length": pa.array(lengths),
+            "supervised": pa.array([row["supervised"] for row in rows], type=pa.int32()),
+            "truncated": pa.array([row["truncated"] for row in rows], type=pa.bool_()),
+            "drop_reason": pa.array([row["drop_reason"] for row in rows], type=pa.string()),
+        }
+        for name in ("source", "line"):
+            if name in batch:
+                columns[name] = pa.array(batch[name], type=pa.int32() if name == "source" else pa.int64())
+        return pa.table(columns)
 
     def tokenize(self, messages: list[dict]) -> dict[str, Any]:
         """One conversation: {"input_ids", "labels", "length", "supervised", "truncated", "drop_reason"}."""
@@ -696,7 +726,8 @@ TOKENISED_COLUMNS = ("input_ids", "labels", "length", "supervised", "truncated",
 
 
 def _dropped_row(reason: str, truncated: bool) -> dict[str, Any]:
-    return {"input_ids": [], "labels": [], "length": 0, "supervised": 0, "truncated": truncated, "drop_reason": reason}
+    empty = np.zeros(0, dtype=np.int32)
+    return {"input_ids": empty, "labels": empty, "length": 0, "supervised": 0, "truncated": truncated, "drop_reason": reason}
 
 
 def supervised_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -843,11 +874,11 @@ def _tokenise_files(files: list[str], split: str, first_source: int, strict: boo
     merged = concatenate_datasets(per_file)
     workers = num_proc if num_proc and num_proc > 1 and len(merged) >= 2 * num_proc else None
     tokenised = merged.map(
-        encoder,
+        encoder.to_arrow,
         batched=True,
         batch_size=500,
         num_proc=workers,
-        remove_columns=["messages"],
+        remove_columns=merged.column_names,
         new_fingerprint=f"dft-tokenise-{uuid.uuid4().hex}",  # our own cache decides reuse, not datasets'
         desc=f"Tokenising {split} conversations",
     )

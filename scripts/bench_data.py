@@ -62,7 +62,7 @@ def bench_map(rows: list[dict], tokenizer, workers: int, max_length: int) -> dic
     dataset = Dataset.from_list(rows)
     encoder = ConversationTokenizer(tokenizer, max_length)
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    tokenised = dataset.map(encoder, batched=True, batch_size=500, num_proc=workers if workers > 1 else None,
+    tokenised = dataset.map(encoder.to_arrow, batched=True, batch_size=500, num_proc=workers if workers > 1 else None,
                             remove_columns=["messages"], new_fingerprint=f"bench-{workers}-{time.time()}")
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     lengths = tokenised["length"]

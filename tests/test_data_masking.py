@@ -228,3 +228,14 @@ def test_format_supervision_marks_whole_runs_and_keeps_chinese_intact():
     shown = format_supervision(tokenizer, row["input_ids"], row["labels"])
     assert "[[日本的首都是东京。<|im_end|>]]\n<|im_start|>user" in shown
     assert "\ufffd" not in shown
+
+
+def test_arrow_output_equals_python_lists_and_passes_source_and_line_through():
+    encoder = ConversationTokenizer(_tokenizer(CHATML_TEMPLATE), max_length=40)
+    conversations = list(CONVERSATIONS.values()) + [[{"role": "user", "content": "x " * 50}, {"role": "assistant", "content": "y"}]]
+    batch = {"messages": conversations, "source": [0, 0, 1, 1, 2], "line": [1, 2, 3, 4, 5]}
+    table = encoder.to_arrow(batch).to_pydict()
+    lists = encoder(batch)
+    assert {key: table[key] for key in lists} == lists
+    assert lists["drop_reason"][-1] == TRUNCATED_TO_NOTHING and lists["input_ids"][-1] == []
+    assert table["source"] == batch["source"] and table["line"] == batch["line"]
