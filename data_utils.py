@@ -69,7 +69,7 @@ MAX_EXAMPLES = 3  # file:line examples kept per (file, reason)
 
 # Skip reasons at tokenisation time (reading-time reasons come from `normalize_record`).
 NO_SUPERVISED_TOKEN = "no supervised token"
-TRUNCATED_TO_NOTHING = "no supervised token left after truncation to --max_length"
+TRUNCATED_TO_NOTHING = "no supervised token after truncation to --max_length"
 
 
 class DataError(ValueError):
