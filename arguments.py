@@ -64,7 +64,8 @@ class DataArguments:
     """Where the ChatML conversations come from and how they are tokenised."""
 
     data_files: list[str] = field(
-        default=None, metadata={"help": "One or more ChatML JSON/JSONL files (merged into one dataset). Required."}
+        default=None,
+        metadata={"help": "ChatML/ShareGPT data: files (.jsonl, .json, .json(l).gz, .parquet), directories or globs, merged. Required."},
     )
     eval_data_files: list[str] = field(
         default=None, metadata={"help": "Evaluation files; overrides --validation_split_percentage."}
@@ -83,6 +84,13 @@ class DataArguments:
             "help": "Padding-free packing: whole conversations packed into rows of at most --max_length tokens "
             "(best-fit decreasing), position_ids restarting per conversation, attention kept inside each one "
             "(needs --attn_implementation sdpa, eager, flex_attention or flash_attention_2). Same loss and metrics."
+        },
+    )
+    data_cache_dir: str = field(
+        default=None,
+        metadata={
+            "help": "Where tokenised datasets are cached, keyed by files, tokenizer, template and settings "
+            "(default: HF_DATASETS_CACHE/dft_trainer; 'none' disables the cache)."
         },
     )
 

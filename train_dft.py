@@ -16,7 +16,7 @@ import time
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype
-from data_utils import DataCollatorForDFT, DataError, build_datasets, format_supervision
+from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
 from dft_trainer import DFTTrainer
 from dist_logger import is_main_process, setup_logging
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
@@ -89,6 +89,8 @@ def run(
         check_packing(model_args)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
+    if is_main_process():
+        logger.info("data report (%s):\n%s", write_data_report(data_summary, training_args.output_dir), format_data_report(data_summary))
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
     data_collator = DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id)

@@ -1,0 +1,48 @@
+"""scripts/inspect_data.py and scripts/bench_data.py run end to end on the tiny tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inspect_data_marks_supervised_tokens_and_counts(tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "chat.jsonl"
+    records = [
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "user", "content": "日本的首都是哪里？"}, {"role": "assistant", "content": "东京。"},
+                      {"role": "user", "content": "And France?"}, {"role": "assistant", "content": "Paris."}]},
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    inspect_data = load_script("inspect_data")
+    assert inspect_data.main(["--model_name_or_path", tiny_model_dir, "--data_files", str(path), "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert f"conversation 0 ({path}:2), 4 messages" in out
+    assert "assistant\n[[东京。<|im_end|>]]\n<|im_start|>user\nAnd France?<|im_end|>" in out
+    assert "[[Paris.<|im_end|>]]" in out
+    assert f"{path}: read 2, kept 1, skipped 1: 1 no assistant turn (e.g. {path}:1)" in out
+    assert inspect_data.main(["--model_name_or_path", tiny_model_dir, "--data_files", str(path), "--color", "always"]) == 0
+    assert f"{inspect_data.GREEN}Paris.<|im_end|>{inspect_data.RESET}" in capsys.readouterr().out
+    assert inspect_data.main(["--model_name_or_path", tiny_model_dir, "--data_files", str(path), "--index", "5"]) == 2
+    assert "--index 5: there are 1 valid conversations" in capsys.readouterr().err
+
+
+def test_bench_data_reports_conversations_per_second(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # the script sets it; restored after the test
+    bench = load_script("bench_data")
+    result = bench.main(["--tokenizer", tiny_model_dir, "--num_conversations", "40", "--workers", "1", "--profile"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tokenise_map"][0]["workers"] == 1 and printed["tokenise_map"][0]["conversations_per_s"] > 0
+    assert 300 < printed["tokenise_map"][0]["mean_tokens"] < 700  # "about 500 tokens"
+    assert result["build_datasets"][0]["conversations_per_s"] > 0
+    assert set(result["profile_ms_per_conversation"]) == {"render", "render_and_find_spans", "tokenizer", "labels_and_truncation"}
