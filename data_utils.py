@@ -1067,6 +1067,12 @@ def format_data_report(report: dict) -> str:
                      + (f" (eval from {splits['eval_from']})" if splits["eval_from"] else ""))
     if report.get("ignored_files"):
         lines.append(f"ignored (not a data file): {', '.join(report['ignored_files'])}")
+    if "packing" in report:
+        packing = report["packing"]
+        lines.append(
+            f"packing: {packing['conversations']:,} conversations in {packing['rows']:,} rows of at most "
+            f"{packing['max_length']:,} tokens, efficiency {packing['efficiency']:.1%} (real tokens / rows x max_length)"
+        )
     if "cache" in report and report["cache"]["path"]:
         lines.append(f"cache: {'reused' if report['cache']['reused'] else 'written'} {report['cache']['path']}")
     return "\n".join(lines)

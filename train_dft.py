@@ -89,8 +89,6 @@ def run(
         check_packing(model_args)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
-    if is_main_process():
-        logger.info("data report (%s):\n%s", write_data_report(data_summary, training_args.output_dir), format_data_report(data_summary))
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
     data_collator = DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id)
@@ -99,6 +97,8 @@ def run(
             train_dataset, eval_dataset, data_args.max_length, model_args.attn_implementation, tokenizer.pad_token_id,
             data_args.preprocessing_num_workers,
         )
+    if is_main_process():
+        logger.info("data report (%s):\n%s", write_data_report(data_summary, training_args.output_dir), format_data_report(data_summary))
     model = apply_lora(load_model(model_args, training_args, tokenizer), lora_args, training_args)
     if data_args.packing:
         check_packing(model_args, model)

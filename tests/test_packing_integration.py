@@ -55,6 +55,11 @@ def test_one_step_over_the_same_conversations_is_the_same_packed_or_not(tiny_mod
         assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
     log = open(tmp_path / "packed" / "logs" / "train.log").read()
     assert f"{CONVERSATIONS} conversations packed into" in log and "efficiency" in log
+    report = json.load(open(tmp_path / "packed" / "data_report.json"))
+    packing = report["packing"]
+    assert packing["conversations"] == CONVERSATIONS and packing["max_length"] == 128
+    assert packing["efficiency"] == pytest.approx(packing["real_tokens"] / (packing["rows"] * 128))
+    assert packing["rows"] < CONVERSATIONS and packing["real_tokens"] > 0
 
 
 def test_check_packing_names_both_flags(tiny_model_dir):
