@@ -19,7 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_supervision
 from dft_trainer import DFTTrainer
-from dist_logger import is_main_process, setup_logging
+from checkpoints import EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, prepare_resume
+from dist_logger import is_main_process, setup_logging, use_logging_for_metrics
+from distributed import log_zero3_partition, prepare_process_group
 
 EXIT_BAD_INPUT = 2
 
@@ -85,6 +87,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFT
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
     model = load_model(model_args, training_args, tokenizer)
+    log_zero3_partition(model)
     trainer = DFTTrainer(
         model=model,
         args=training_args,
@@ -93,8 +96,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFT
         processing_class=tokenizer,
         data_collator=DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id),
     )
+    use_logging_for_metrics(trainer)
+    stop = add_checkpoint_callbacks(trainer)
     logger.info("DFT loss: dft_alpha=%s, loss_impl=%s", training_args.dft_alpha, trainer.loss_impl)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=prepare_resume(training_args))
+    if stop.stopped:
+        logger.warning("stopped by SIGTERM at step %d; continue with --resume_from_checkpoint latest", trainer.state.global_step)
+        sys.exit(EXIT_STOPPED_BY_SIGTERM)
     trainer.save_model(training_args.output_dir)
     summary = summarize(trainer, time.time() - started)
     if trainer.is_world_process_zero():
@@ -110,10 +118,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: DFT
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        prepare_process_group(argv)  # DeepSpeed on CPU: before TrainingArguments (see distributed.py)
         model_args, data_args, training_args = parse_args(argv)
         return run(model_args, data_args, training_args)
-    except (UsageError, DataError) as err:
+    except (UsageError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
