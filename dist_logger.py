@@ -102,6 +102,7 @@ def setup_logging(logging_dir: str | None = None, log_file_name: str = "train.lo
     # re-route it now if it is loaded (train_dft imports it before this under --deepspeed).
     for name in LIBRARY_LOGGERS:
         _route_through_root(name, level)
+    logging.captureWarnings(True)  # Python warnings (once per call site) get the same prefix
     logging.getLogger("dft").setLevel(level)
     return logging.getLogger("dft")
 

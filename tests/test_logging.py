@@ -26,6 +26,7 @@ def restore_logging():
         root.addHandler(handler)
     root.setLevel(saved[1])
     transformers.utils.logging.set_verbosity(saved[2])
+    logging.captureWarnings(False)
 
 
 def test_rank0_logs_info_to_console_and_file(tmp_path, monkeypatch, capsys, restore_logging):
@@ -71,6 +72,19 @@ def test_traceback_lines_carry_the_prefix(monkeypatch, capsys, restore_logging):
     err = capsys.readouterr().err.splitlines()
     assert len(err) > 3 and all(line.startswith(err[0][:19]) and "ERROR [rank 0/1] dft: " in line for line in err)
     assert err[-1].endswith("RuntimeError: boom")
+
+
+def test_python_warnings_become_prefixed_log_lines(monkeypatch, capsys, restore_logging):
+    import warnings
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist_logger.setup_logging()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("deprecated thing", FutureWarning)
+    err = capsys.readouterr().err
+    assert re.search(r" WARNING \[rank 1/2\] py.warnings: .*FutureWarning: deprecated thing", err)
 
 
 def test_metrics_line_is_compact_and_ordered():
