@@ -147,12 +147,15 @@ class CheckpointMarkerCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # A checkpoint about to be (re)written in a directory that carries an old marker (a resumed run
-        # repeating a step) must not look complete while it is being overwritten.
+        # repeating a step, a save at epoch end after one at the same step) must not look complete
+        # while it is being overwritten.
         if control.should_save and state.is_world_process_zero:
             stale = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", COMPLETE_MARKER)
             if os.path.exists(stale):
                 os.remove(stale)
         return control
+
+    on_epoch_end = on_step_end  # the Trainer saves after either
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -205,6 +208,12 @@ class GracefulStopCallback(TrainerCallback):
                 "saving a checkpoint" if control.should_save else "no checkpoint (--save_strategy no)",
                 state.global_step,
             )
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped:  # already saved at this step; no end-of-epoch evaluation or second save
+            control.should_save = False
+            control.should_evaluate = False
         return control
 
 

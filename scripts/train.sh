@@ -91,18 +91,25 @@ LOG_FILE="$(cd "$LOG_DIR" && pwd)/train-$STAMP.log"
 echo "log file: $LOG_FILE"
 echo "command: ${CMD[*]}" >> "$LOG_FILE"
 
-# The launcher runs in the background so that a SIGTERM/SIGINT sent to this script (kill, Ctrl-C,
-# a scheduler) is passed on to it instead of leaving it orphaned; it stops after saving a checkpoint.
+# The launcher runs in the background, in its own process group (set -m), so that a SIGTERM/SIGINT sent
+# to this script (kill, Ctrl-C, a scheduler) reaches every training process: the single-node deepspeed
+# runner does not pass signals on, and a process left behind would keep training. They finish the
+# current step, save a checkpoint and exit (resume with --resume_from_checkpoint latest).
 set +e
-"${CMD[@]}" > >(tee -a "$LOG_FILE") 2>&1 < /dev/null &
+set -m
+# tee is in that group too: it ignores the signal and ends when the last writer closes the pipe
+# (killed, it would take the workers down with SIGPIPE in the middle of their checkpoint).
+"${CMD[@]}" > >(trap '' TERM INT; exec tee -a "$LOG_FILE") 2>&1 < /dev/null &
 CHILD=$!
-trap 'echo "train.sh: stopping (SIGTERM to $CHILD)" | tee -a "$LOG_FILE"; kill -TERM "$CHILD" 2>/dev/null' TERM INT
+set +m
+trap 'echo "train.sh: stopping (SIGTERM to process group $CHILD)" | tee -a "$LOG_FILE"; kill -TERM -- "-$CHILD" 2>/dev/null' TERM INT
 wait "$CHILD"
 STATUS=$?
 while kill -0 "$CHILD" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
   wait "$CHILD"
   STATUS=$?
 done
+while kill -0 -- "-$CHILD" 2>/dev/null; do sleep 1; done  # workers still saving after their launcher left
 set -e
 echo "exit status $STATUS; log file: $LOG_FILE" | tee -a "$LOG_FILE"
 exit "$STATUS"
