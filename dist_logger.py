@@ -1,7 +1,13 @@
-"""Rank-aware logging: rank 0 speaks (INFO), other ranks only warn; every line says which rank it is.
+"""Rank-aware logging: rank 0 speaks (INFO), other ranks only warn; every line says when, how bad and
+which rank.
+
+    2026-11-28 05:47:56 INFO [rank 0/2] dft: training on 16 conversations (no evaluation)
 
 Works before torch.distributed is initialised: the rank comes from the launcher's environment
-(RANK/WORLD_SIZE from torchrun, deepspeed and accelerate launch).
+(RANK/WORLD_SIZE from torchrun, deepspeed and accelerate launch). The transformers, datasets, deepspeed
+and accelerate loggers are routed through the same handlers at the same level, so a line never appears
+once per rank. Training metrics go through logging too (`LogMetricsCallback`), so the log file holds
+them with the same prefix.
 """
 
 from __future__ import annotations
@@ -10,8 +16,14 @@ import logging
 import os
 import sys
 
+from transformers import TrainerCallback
+
 FORMAT = "%(asctime)s %(levelname)s [rank {rank}/{world}] %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+LIBRARY_LOGGERS = ("deepspeed", "DeepSpeed", "torch.distributed", "accelerate")
+METRIC_ORDER = ("loss", "ce_loss", "avg_p_correct", "token_accuracy", "grad_norm", "learning_rate", "epoch")
+
+logger = logging.getLogger("dft")
 
 
 def get_rank() -> int:
@@ -26,15 +38,41 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+class PrefixEveryLineFormatter(logging.Formatter):
+    """Repeats the time/level/rank prefix on every line of a multi-line message (and traceback), so
+    `grep '\\[rank 1/'` or a line count never meets an unlabelled continuation line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if "\n" not in text:
+            return text
+        saved = (record.msg, record.args, record.exc_info, record.exc_text, record.stack_info)
+        record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = "", None, None, None, None
+        try:
+            prefix = super().format(record)  # "time LEVEL [rank r/w] name: "
+        finally:
+            record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = saved
+        first, *rest = text.split("\n")
+        return "\n".join([first] + [prefix + line for line in rest])
+
+
+def _route_through_root(name: str, level: int) -> None:
+    library_logger = logging.getLogger(name)
+    for handler in list(library_logger.handlers):
+        library_logger.removeHandler(handler)
+    library_logger.setLevel(level)
+    library_logger.propagate = True
+
+
 def setup_logging(logging_dir: str | None = None, log_file_name: str = "train.log") -> logging.Logger:
     """Configures the root logger and the transformers/datasets/deepspeed loggers for this rank.
 
-    Rank 0: INFO to stderr and, when `logging_dir` is given, to `logging_dir/log_file_name`.
+    Rank 0: INFO to stderr and, when `logging_dir` is given, appended to `logging_dir/log_file_name`.
     Other ranks: WARNING and above to stderr only. Returns the project logger.
     """
     rank, world = get_rank(), get_world_size()
     level = logging.INFO if rank == 0 else logging.WARNING
-    formatter = logging.Formatter(FORMAT.format(rank=rank, world=world), datefmt=DATE_FORMAT)
+    formatter = PrefixEveryLineFormatter(FORMAT.format(rank=rank, world=world), datefmt=DATE_FORMAT)
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank == 0 and logging_dir:
@@ -57,17 +95,45 @@ def setup_logging(logging_dir: str | None = None, log_file_name: str = "train.lo
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     datasets.utils.logging.set_verbosity(level)
-    datasets.utils.logging.disable_propagation()
-    datasets_logger = logging.getLogger("datasets")
-    for handler in list(datasets_logger.handlers):
-        datasets_logger.removeHandler(handler)
-    datasets_logger.propagate = True
+    _route_through_root("datasets", level)
     if rank != 0:
         datasets.utils.logging.disable_progress_bar()
-    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "accelerate"):
-        library_logger = logging.getLogger(name)
-        for handler in list(library_logger.handlers):
-            library_logger.removeHandler(handler)
-        library_logger.setLevel(level)
-        library_logger.propagate = True
+    # DeepSpeed installs its own stdout handler on the "DeepSpeed" logger when it is first imported;
+    # re-route it now if it is loaded (train_dft imports it before this under --deepspeed).
+    for name in LIBRARY_LOGGERS:
+        _route_through_root(name, level)
+    logging.captureWarnings(True)  # Python warnings (once per call site) get the same prefix
+    logging.getLogger("dft").setLevel(level)
     return logging.getLogger("dft")
+
+
+def format_metrics(logs: dict) -> str:
+    """`loss 0.1068 | ce_loss 0.2 | ...`: known metrics first, floats to 6 significant digits."""
+    keys = [k for k in METRIC_ORDER if k in logs] + sorted(k for k in logs if k not in METRIC_ORDER)
+    parts = []
+    for key in keys:
+        value = logs[key]
+        parts.append(f"{key} {value:.6g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+class LogMetricsCallback(TrainerCallback):
+    """Logs each `Trainer.log` dict once (world rank 0) through logging, in place of a bare print()."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            shown = {k: v for k, v in logs.items() if k != "total_flos"}
+            logger.info("step %d/%d: %s", state.global_step, state.max_steps, format_metrics(shown))
+        return control
+
+
+def use_logging_for_metrics(trainer) -> None:
+    """Replaces the Trainer's print()-based metric output by `LogMetricsCallback` (the tqdm bar stays)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    progress = trainer.pop_callback(ProgressCallback)
+    if progress is not None:
+        progress.on_log = lambda *args, **kwargs: None  # the bar's own copy of the metrics line
+        trainer.add_callback(progress)
+    trainer.add_callback(LogMetricsCallback())

@@ -18,10 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
 from dft_trainer import DFTTrainer
-from dist_logger import is_main_process, setup_logging
+from checkpoints import EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, prepare_resume
+from dist_logger import is_main_process, setup_logging, use_logging_for_metrics
+from distributed import log_zero3_partition, prepare_process_group
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
-from tracking import RunRecorder, build_run_config, configure_progress_bars
 from packing import apply_packing, check_model_for_packing, check_packing_attention
+from tracking import RunRecorder, build_run_config, configure_progress_bars
 
 EXIT_BAD_INPUT = 2
 
@@ -100,6 +102,7 @@ def run(
     if is_main_process():
         logger.info("data report (%s):\n%s", write_data_report(data_summary, training_args.output_dir), format_data_report(data_summary))
     model = apply_lora(load_model(model_args, training_args, tokenizer), lora_args, training_args)
+    log_zero3_partition(model)
     if data_args.packing:
         check_packing(model_args, model)
     trainer = DFTTrainer(
@@ -111,10 +114,15 @@ def run(
         data_collator=data_collator,
         callbacks=lora_callbacks(lora_args),
     )
+    use_logging_for_metrics(trainer)
+    stop = add_checkpoint_callbacks(trainer)
     logger.info("DFT loss: dft_alpha=%s, loss_impl=%s", training_args.dft_alpha, trainer.loss_impl)
     run_config = build_run_config(model_args, data_args, training_args, data_summary, train_dataset, eval_dataset)
     recorder = RunRecorder.start(trainer, run_config, started)
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=prepare_resume(training_args))
+    if stop.stopped:
+        logger.warning("stopped by SIGTERM at step %d; continue with --resume_from_checkpoint latest", trainer.state.global_step)
+        sys.exit(EXIT_STOPPED_BY_SIGTERM)
     trainer.save_model(training_args.output_dir)
     if lora_args.merge_lora_on_save:  # collective under ZeRO-3: every rank calls it
         save_merged_model(trainer.model, training_args.output_dir, tokenizer, on_this_rank=training_args.should_save)
@@ -122,10 +130,12 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        prepare_process_group(argv)  # DeepSpeed on CPU: before TrainingArguments (see distributed.py)
         model_args, data_args, training_args, lora_args = parse_args(argv)
         return run(model_args, data_args, training_args, lora_args)
-    except (UsageError, DataError, LoraConfigError) as err:
+    except (UsageError, DataError, LoraConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 

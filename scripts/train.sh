@@ -3,13 +3,19 @@
 #
 #   bash scripts/train.sh                                   # bundled tiny model + sample data (CPU ok)
 #   MODEL=/models/Qwen2.5-7B DATA_FILES="a.jsonl b.json" bash scripts/train.sh --num_train_epochs 3
-#   nohup bash scripts/train.sh > /dev/null 2>&1 &          # the log file path is printed and kept
+#   nohup bash scripts/train.sh > train.out 2>&1 &         # the log file path is printed and kept
 #
 # Variables (defaults in brackets):
 #   MODEL [assets/tiny-qwen2]  DATA_FILES [data/sample/*]  OUTPUT_DIR [outputs/dft-<timestamp>]
-#   LOG_DIR [OUTPUT_DIR/logs]  NUM_GPUS [all visible]  NUM_PROCS [1, CPU processes when no GPU]
-#   DS_CONFIG [ds_config/zero3.json]  NNODES [1]  HOSTFILE  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]
-#   DFT_ALPHA [1.0]
+#   LOG_DIR [OUTPUT_DIR/logs]  NUM_GPUS [all visible]  NUM_PROCS [1: CPU processes when NUM_GPUS is 0]
+#   DS_CONFIG [ds_config/zero3.json on GPUs; on CPU only when set]  NNODES [1]  HOSTFILE
+#   MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]  DFT_ALPHA [1.0]  PYTHON [python]
+#   DRY_RUN [0; 1 prints the command and exits]
+#
+# Launchers: GPUs -> `deepspeed --num_gpus NUM_GPUS` (with --hostfile for NNODES > 1) and DS_CONFIG;
+# CPU -> python (NUM_PROCS=1), torchrun (NUM_PROCS>1), or the deepspeed launcher when DS_CONFIG is set.
+# SIGTERM/SIGINT to this script reach the training processes, which save a checkpoint and stop
+# (resume with --resume_from_checkpoint latest).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -19,6 +25,7 @@ MODEL="${MODEL:-assets/tiny-qwen2}"
 DATA_FILES="${DATA_FILES:-data/sample/chat_en.jsonl data/sample/chat_zh.json}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/dft-$STAMP}"
 LOG_DIR="${LOG_DIR:-$OUTPUT_DIR/logs}"
+CPU_DS_CONFIG="${DS_CONFIG:-}"
 DS_CONFIG="${DS_CONFIG:-ds_config/zero3.json}"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
@@ -26,18 +33,18 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 NUM_PROCS="${NUM_PROCS:-1}"
 DFT_ALPHA="${DFT_ALPHA:-1.0}"
 PYTHON="${PYTHON:-python}"
+DRY_RUN="${DRY_RUN:-0}"
+# DeepSpeed compiles its CPU ops once; keep them across runs.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
 
 if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 fi
 
-if [ "$MODEL" = "assets/tiny-qwen2" ] && [ ! -f "$MODEL/model.safetensors" ]; then
+if [ "$MODEL" = "assets/tiny-qwen2" ] && [ ! -f "$MODEL/model.safetensors" ] && [ "$DRY_RUN" = 0 ]; then
   echo "building the bundled tiny model in $MODEL"
   "$PYTHON" scripts/make_tiny_model.py "$MODEL"
 fi
-
-mkdir -p "$OUTPUT_DIR" "$LOG_DIR"
-LOG_FILE="$LOG_DIR/train-$STAMP.log"
 
 # shellcheck disable=SC2206
 ARGS=(
@@ -63,17 +70,46 @@ if [ "$NUM_GPUS" -gt 0 ]; then
             --num_gpus "$NUM_GPUS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
   fi
   CMD=("${LAUNCH[@]}" train_dft.py "${ARGS[@]}" --deepspeed "$DS_CONFIG" --bf16 True "$@")
+elif [ -n "$CPU_DS_CONFIG" ]; then
+  # DeepSpeed on CPU (gloo): how the multi-process tests run ZeRO-3 without a GPU.
+  CMD=(deepspeed --num_gpus "$NUM_PROCS" --master_port "$MASTER_PORT" train_dft.py "${ARGS[@]}"
+       --deepspeed "$CPU_DS_CONFIG" --use_cpu True "$@")
 elif [ "$NUM_PROCS" -gt 1 ]; then
-  CMD=(torchrun --nproc_per_node "$NUM_PROCS" --master_port "$MASTER_PORT" train_dft.py "${ARGS[@]}" --use_cpu True "$@")
+  CMD=(torchrun --nproc_per_node "$NUM_PROCS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+       train_dft.py "${ARGS[@]}" --use_cpu True "$@")
 else
   CMD=("$PYTHON" train_dft.py "${ARGS[@]}" "$@")
 fi
 
+if [ "$DRY_RUN" != 0 ]; then
+  echo "${CMD[*]}"
+  exit 0
+fi
+
+mkdir -p "$OUTPUT_DIR" "$LOG_DIR"
+LOG_FILE="$(cd "$LOG_DIR" && pwd)/train-$STAMP.log"
 echo "log file: $LOG_FILE"
-echo "command: ${CMD[*]}" | tee "$LOG_FILE"
+echo "command: ${CMD[*]}" >> "$LOG_FILE"
+
+# The launcher runs in the background, in its own process group (set -m), so that a SIGTERM/SIGINT sent
+# to this script (kill, Ctrl-C, a scheduler) reaches every training process: the single-node deepspeed
+# runner does not pass signals on, and a process left behind would keep training. They finish the
+# current step, save a checkpoint and exit (resume with --resume_from_checkpoint latest).
 set +e
-"${CMD[@]}" 2>&1 | tee -a "$LOG_FILE"
-STATUS=${PIPESTATUS[0]}
+set -m
+# tee is in that group too: it ignores the signal and ends when the last writer closes the pipe
+# (killed, it would take the workers down with SIGPIPE in the middle of their checkpoint).
+"${CMD[@]}" > >(trap '' TERM INT; exec tee -a "$LOG_FILE") 2>&1 < /dev/null &
+CHILD=$!
+set +m
+trap 'echo "train.sh: stopping (SIGTERM to process group $CHILD)" | tee -a "$LOG_FILE"; kill -TERM -- "-$CHILD" 2>/dev/null' TERM INT
+wait "$CHILD"
+STATUS=$?
+while kill -0 "$CHILD" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
+  wait "$CHILD"
+  STATUS=$?
+done
+while kill -0 -- "-$CHILD" 2>/dev/null; do sleep 1; done  # workers still saving after their launcher left
 set -e
-echo "exit status $STATUS; log file: $LOG_FILE"
+echo "exit status $STATUS; log file: $LOG_FILE" | tee -a "$LOG_FILE"
 exit "$STATUS"

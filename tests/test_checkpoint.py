@@ -1,0 +1,186 @@
+"""Checkpoints: the completion marker, `--resume_from_checkpoint latest`, and runs killed mid-training
+(SIGTERM: graceful save and stop; SIGKILL: a half-written checkpoint that `latest` must skip)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from transformers import TrainerControl, TrainerState
+
+from checkpoints import (
+    COMPLETE_MARKER, CheckpointError, CheckpointMarkerCallback, GracefulStopCallback, latest_complete_checkpoint,
+    list_checkpoints, remove_incomplete_after, resolve_resume_checkpoint, write_marker,
+)
+from dist_helpers import ROOT, SGD_ARGS, child_env, write_small_data
+
+
+def make_checkpoint(output_dir: Path, step: int, complete: bool) -> Path:
+    path = output_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text("{}")
+    if complete:
+        write_marker(str(path), step)
+    return path
+
+
+# ---- unit -------------------------------------------------------------------------------------------
+def test_latest_skips_half_written_and_picks_highest_complete(tmp_path, caplog):
+    make_checkpoint(tmp_path, 2, complete=True)
+    make_checkpoint(tmp_path, 10, complete=True)  # numeric, not lexical: 10 > 4
+    make_checkpoint(tmp_path, 4, complete=True)
+    half = make_checkpoint(tmp_path, 12, complete=False)
+    (tmp_path / "checkpoint-x").mkdir()
+    (tmp_path / "checkpoint-14").write_text("a file, not a checkpoint")
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2, 4, 10, 12]
+    with caplog.at_level(logging.INFO, logger="checkpoints"):
+        chosen = resolve_resume_checkpoint("latest", str(tmp_path))
+    assert chosen == str(tmp_path / "checkpoint-10")
+    assert str(half) in caplog.text and "incomplete" in caplog.text
+    remove_incomplete_after(str(tmp_path), chosen)
+    assert not half.exists() and (tmp_path / "checkpoint-10").exists() and (tmp_path / "checkpoint-2").exists()
+
+
+def test_latest_without_complete_checkpoint_starts_fresh(tmp_path):
+    assert resolve_resume_checkpoint("latest", str(tmp_path / "missing")) is None
+    make_checkpoint(tmp_path, 3, complete=False)
+    assert resolve_resume_checkpoint("latest", str(tmp_path)) is None
+    assert resolve_resume_checkpoint(None, str(tmp_path)) is None
+
+
+def test_explicit_checkpoint_path(tmp_path, caplog):
+    with pytest.raises(CheckpointError, match="--resume_from_checkpoint .*no such directory"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
+    (tmp_path / "not-a-checkpoint").mkdir()
+    with pytest.raises(CheckpointError, match="no trainer_state.json"):
+        resolve_resume_checkpoint(str(tmp_path / "not-a-checkpoint"), str(tmp_path))
+    plain = make_checkpoint(tmp_path, 5, complete=False)  # e.g. written by plain transformers
+    with caplog.at_level(logging.WARNING, logger="checkpoints"):
+        assert resolve_resume_checkpoint(str(plain), str(tmp_path)) == str(plain)
+    assert "half-written" in caplog.text
+
+
+def test_marker_is_atomic_and_stale_marker_removed_before_resave(tmp_path):
+    path = make_checkpoint(tmp_path, 4, complete=True)
+    assert (path / COMPLETE_MARKER).read_text() == "step 4\n"
+    assert not list(path.glob(".*tmp"))
+    args = SimpleNamespace(output_dir=str(tmp_path), save_strategy="steps")
+    state, control = TrainerState(global_step=4), TrainerControl(should_save=True)
+    state.is_world_process_zero = True
+    CheckpointMarkerCallback().on_step_end(args, state, control)
+    assert not (path / COMPLETE_MARKER).exists(), "a checkpoint being rewritten must not look complete"
+    CheckpointMarkerCallback().on_save(args, state, control)
+    assert (path / COMPLETE_MARKER).exists()
+
+
+def test_sigterm_asks_for_save_and_stop():
+    stop = GracefulStopCallback()
+    args = SimpleNamespace(save_strategy="steps", device="cpu")
+    state, control = TrainerState(global_step=7), TrainerControl()
+    previous = signal.getsignal(signal.SIGTERM)
+    stop.on_train_begin(args, state, control)
+    stop.on_step_end(args, state, control)
+    assert not control.should_training_stop
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    stop.on_step_end(args, state, control)
+    assert control.should_training_stop and control.should_save and stop.stopped
+    control.should_evaluate = True  # as DefaultFlowCallback asks at the epoch end that follows
+    stop.on_epoch_end(args, state, control)
+    assert not control.should_save and not control.should_evaluate
+    stop.on_train_end(args, state, control)
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+# ---- integration: real runs killed mid-training ------------------------------------------------------
+KILL_STEPS = 16
+
+
+def run_args(data_file: str, output_dir: Path, save_steps: int) -> list[str]:
+    return [
+        "--model_name_or_path", str(ROOT / "assets" / "tiny-qwen2"), "--data_files", data_file,
+        "--output_dir", str(output_dir), "--max_steps", str(KILL_STEPS), "--logging_steps", "1",
+        "--save_steps", str(save_steps), "--save_total_limit", "2", "--per_device_train_batch_size", "2",
+        "--report_to", "none", "--disable_tqdm", "True", *SGD_ARGS,
+    ]
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train_dft.py", *args], cwd=ROOT, env=child_env(),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 400, interval: float = 0.002):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point:\n{log.read_text()[-4000:]}")
+        time.sleep(interval)
+    proc.kill()
+    pytest.fail("timed out waiting for the kill point")
+
+
+def resume_to_the_end(args: list[str], output_dir: Path) -> None:
+    import train_dft
+    from transformers import AutoModelForCausalLM
+
+    summary = train_dft.main(args + ["--resume_from_checkpoint", "latest"])
+    assert summary["steps"] == KILL_STEPS
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.integration
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = run_args(write_small_data(tmp_path, 40), out, save_steps=4)
+    log = tmp_path / "sigterm.log"
+    # Through train.sh under nohup, as users run it: the script passes the SIGTERM on to the trainer.
+    env = child_env()
+    env.update(MODEL=args[1], DATA_FILES=args[3], OUTPUT_DIR=args[5], NUM_GPUS="0")
+    proc = subprocess.Popen(["nohup", "bash", "scripts/train.sh", *args[6:]], cwd=ROOT, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_for(lambda: (out / "checkpoint-4" / COMPLETE_MARKER).exists(), proc, log, interval=0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-4000:]
+    text = log.read_text()
+    assert "train.sh: stopping (SIGTERM to process group" in text and "exit status 143" in text
+    stopped_at = int(text.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 4 <= stopped_at < KILL_STEPS
+    assert latest_complete_checkpoint(str(out)) == str(out / f"checkpoint-{stopped_at}")
+    assert not (out / "model.safetensors").exists(), "a stopped run must not look finished"
+    assert len(list_checkpoints(str(out))) <= 2  # --save_total_limit 2
+    resume_to_the_end(args, out)
+
+
+@pytest.mark.integration
+def test_sigkill_mid_save_never_resumes_from_the_half_written_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = run_args(write_small_data(tmp_path, 40), out, save_steps=1)
+    log = tmp_path / "sigkill.log"
+    proc = start(args, log)
+
+    def saving_after_a_complete_one():
+        checkpoints = list_checkpoints(str(out))
+        complete = [s for s, p in checkpoints if (Path(p) / COMPLETE_MARKER).exists()]
+        writing = [p for s, p in checkpoints if complete and s > complete[-1] and not (Path(p) / COMPLETE_MARKER).exists()]
+        return writing[0] if writing else None
+
+    half_written = wait_for(saving_after_a_complete_one, proc, log)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (Path(half_written) / COMPLETE_MARKER).exists(), "killed too late: the save had completed"
+    latest = latest_complete_checkpoint(str(out))
+    assert latest is not None and latest != half_written
+    resume_to_the_end(args, out)
+    assert (out / f"checkpoint-{KILL_STEPS}" / COMPLETE_MARKER).exists()

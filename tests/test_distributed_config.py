@@ -1,0 +1,73 @@
+"""Launch configuration without launching: the DeepSpeed configs, the commands scripts/train.sh builds
+for CPU, one GPU, 8 GPUs and several nodes (DRY_RUN=1), and the pre-TrainingArguments set-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from dist_helpers import ROOT
+from distributed import deepspeed_requested
+
+CONFIGS = ["zero2.json", "zero3.json", "zero3_offload.json"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ds_config_leaves_the_numbers_to_the_command_line(name):
+    config = json.loads((ROOT / "ds_config" / name).read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto", key
+    assert config["bf16"]["enabled"] == "auto" and config["fp16"]["enabled"] == "auto"
+    zero = config["zero_optimization"]
+    assert zero["stage"] == (2 if name == "zero2.json" else 3)
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # a consolidated final model
+    assert ("offload_optimizer" in zero) == (name == "zero3_offload.json")
+
+
+def dry_run(env: dict[str, str], *extra: str) -> str:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE")}
+    full_env.update(DRY_RUN="1", OUTPUT_DIR="out", **env)
+    result = subprocess.run(["bash", "scripts/train.sh", *extra], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_train_sh_gpu_commands():
+    one = dry_run({"NUM_GPUS": "1", "MODEL": "/models/m"}, "--num_train_epochs", "2")
+    assert one.startswith("deepspeed --num_gpus 1 --master_port 29500 train_dft.py --model_name_or_path /models/m")
+    assert one.endswith("--deepspeed ds_config/zero3.json --bf16 True --num_train_epochs 2")
+    eight = dry_run({"NUM_GPUS": "8", "MODEL": "/models/m", "DS_CONFIG": "ds_config/zero3_offload.json"})
+    assert eight.startswith("deepspeed --num_gpus 8 ") and "--deepspeed ds_config/zero3_offload.json" in eight
+    nodes = dry_run({"NUM_GPUS": "8", "NNODES": "2", "HOSTFILE": "hosts", "MASTER_ADDR": "10.0.0.1", "MODEL": "/models/m"})
+    assert nodes.startswith("deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 --master_addr 10.0.0.1 --master_port 29500 train_dft.py")
+
+
+def test_train_sh_multi_node_needs_a_hostfile():
+    env = {k: v for k, v in os.environ.items() if k != "HOSTFILE"}
+    env.update(DRY_RUN="1", NUM_GPUS="8", NNODES="2")
+    result = subprocess.run(["bash", "scripts/train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "HOSTFILE is required" in result.stderr
+
+
+def test_train_sh_cpu_commands():
+    assert dry_run({"NUM_GPUS": "0"}).startswith("python train_dft.py --model_name_or_path assets/tiny-qwen2")
+    ddp = dry_run({"NUM_GPUS": "0", "NUM_PROCS": "2", "MASTER_PORT": "29555"})
+    assert ddp.startswith("torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29555 train_dft.py")
+    assert "--use_cpu True" in ddp and "--deepspeed" not in ddp
+    zero3 = dry_run({"NUM_GPUS": "0", "NUM_PROCS": "2", "DS_CONFIG": "ds_config/zero3.json"})
+    assert zero3.startswith("deepspeed --num_gpus 2 ") and zero3.endswith("--deepspeed ds_config/zero3.json --use_cpu True")
+
+
+def test_deepspeed_requested(tmp_path):
+    assert deepspeed_requested(["--deepspeed", "ds_config/zero3.json"])
+    assert deepspeed_requested(["--deepspeed=ds_config/zero3.json"])
+    assert not deepspeed_requested(["--model_name_or_path", "m"])
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: m\ndeepspeed: ds_config/zero3.json\n")
+    assert deepspeed_requested([str(config)])
+    config.write_text("model_name_or_path: m\n")
+    assert not deepspeed_requested([str(config)])

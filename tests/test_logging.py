@@ -1,0 +1,92 @@
+"""dist_logger: levels per rank, the `[rank r/world]` prefix on every line, library loggers routed
+through the same handlers, metrics through logging. (The 2-process line count is in test_distributed.)"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import transformers
+
+import dist_logger
+from dist_helpers import LOG_LINE
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, transformers.utils.logging.get_verbosity())
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        if handler not in saved[0]:
+            handler.close()
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+    transformers.utils.logging.set_verbosity(saved[2])
+    logging.captureWarnings(False)
+
+
+def test_rank0_logs_info_to_console_and_file(tmp_path, monkeypatch, capsys, restore_logging):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    logger = dist_logger.setup_logging(str(tmp_path / "logs"))
+    logger.info("hello %s", "world")
+    transformers.utils.logging.get_logger("transformers.trainer").info("from transformers")
+    logging.getLogger("DeepSpeed").info("from deepspeed")
+    logging.getLogger("datasets").info("from datasets")
+    logger.info("first line\nsecond line")
+    err = capsys.readouterr().err.splitlines()
+    file_lines = (tmp_path / "logs" / "train.log").read_text().splitlines()
+    assert err == file_lines  # each line once in each sink, the same lines
+    assert len(err) == 6
+    assert all(LOG_LINE.match(line) and " INFO [rank 0/2] " in line for line in err)
+    assert [line.split(": ", 1)[1] for line in err] == [
+        "hello world", "from transformers", "from deepspeed", "from datasets", "first line", "second line"
+    ]
+
+
+def test_other_ranks_only_warn_and_write_no_file(tmp_path, monkeypatch, capsys, restore_logging):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    logger = dist_logger.setup_logging(str(tmp_path / "logs"))
+    logger.info("not shown")
+    transformers.utils.logging.get_logger("transformers.trainer").info("not shown either")
+    logging.getLogger("DeepSpeed").info("nor this")
+    logger.warning("shown")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and re.search(r" WARNING \[rank 1/2\] dft: shown$", err[0])
+    assert not (tmp_path / "logs").exists()
+
+
+def test_traceback_lines_carry_the_prefix(monkeypatch, capsys, restore_logging):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    logger = dist_logger.setup_logging()
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logger.exception("failed")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) > 3 and all(line.startswith(err[0][:19]) and "ERROR [rank 0/1] dft: " in line for line in err)
+    assert err[-1].endswith("RuntimeError: boom")
+
+
+def test_python_warnings_become_prefixed_log_lines(monkeypatch, capsys, restore_logging):
+    import warnings
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist_logger.setup_logging()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("deprecated thing", FutureWarning)
+    err = capsys.readouterr().err
+    assert re.search(r" WARNING \[rank 1/2\] py.warnings: .*FutureWarning: deprecated thing", err)
+
+
+def test_metrics_line_is_compact_and_ordered():
+    line = dist_logger.format_metrics({"learning_rate": 1e-3, "avg_p_correct": 0.123456789, "loss": 0.5, "dft_alpha": 1.0, "step_name": "x"})
+    assert line == "loss 0.5 | avg_p_correct 0.123457 | learning_rate 0.001 | dft_alpha 1 | step_name x"
