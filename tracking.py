@@ -161,7 +161,10 @@ def data_totals(data_summary: Any, train_dataset=None, eval_dataset=None, output
         totals.setdefault("files", len(files))
         totals.setdefault("records_read", sum(int(_get(r, "read", 0) or 0) for r in files))
         totals.setdefault("records_kept", sum(int(_get(r, "kept", 0) or 0) for r in files))
-        totals.setdefault("records_skipped", sum(sum(dict(_get(r, "skipped", {}) or {}).values()) for r in files))
+        if "records_skipped" not in totals:
+            # A file report's `skipped` is a count, or a {reason: count} mapping in older reports.
+            skipped = [_get(r, "skipped", 0) or 0 for r in files]
+            totals["records_skipped"] = sum(sum(s.values()) if isinstance(s, dict) else int(s) for s in skipped)
     dropped = summary.get("dropped_at_tokenisation")
     if isinstance(dropped, dict):
         totals.setdefault("dropped_at_tokenisation", sum(dropped.values()))
@@ -461,7 +464,7 @@ def summarize_run(
         "model_path": os.path.abspath(output_dir),
         "output_dir": output_dir,
         "wall_seconds": round(wall_seconds, 1),
-        "train_seconds": round(seconds, 1),
+        "train_seconds": round(seconds, 3),
         "steps": global_step,
         "steps_this_session": steps_this_session,
         "supervised_tokens": supervised_tokens,

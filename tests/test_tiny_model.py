@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
 from data_utils import format_supervision, tokenize_conversation
-from dft_loss import IGNORE_INDEX
+from test_data_masking import supervised_spans
 
 TEXTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n",
@@ -81,17 +81,7 @@ def test_chatml_label_contract_on_decoded_spans(tiny_tokenizer):
     ]
     row = tokenize_conversation(tiny_tokenizer, messages, 512)
     assert row["drop_reason"] == ""
-    # Decode each maximal run of supervised tokens.
-    spans, current = [], []
-    for token_id, label in zip(row["input_ids"], row["labels"]):
-        if label != IGNORE_INDEX:
-            assert label == token_id
-            current.append(token_id)
-        elif current:
-            spans.append(tiny_tokenizer.decode(current))
-            current = []
-    if current:
-        spans.append(tiny_tokenizer.decode(current))
+    spans = supervised_spans(tiny_tokenizer, row["input_ids"], row["labels"])
     assert spans == ["2 plus 3 is 5.<|im_end|>", "日本的首都是东京。<|im_end|>"]
     marked = format_supervision(tiny_tokenizer, row["input_ids"], row["labels"])
     assert "<|im_start|>assistant\n[[2 plus 3 is 5.<|im_end|>]]\n" in marked
