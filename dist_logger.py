@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from transformers import TrainerCallback
 
@@ -117,13 +118,48 @@ def format_metrics(logs: dict) -> str:
     return " | ".join(parts)
 
 
+def format_duration(seconds: float) -> str:
+    """H:MM:SS (hours unbounded)."""
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def format_progress(step: int, max_steps: int, elapsed: float, steps_done: int) -> str:
+    """`25%, elapsed 0:00:50, ETA 0:02:30, 2.00 s/step`.
+
+    `steps_done` counts only this session's steps (after a resume), so the rate and the ETA are real.
+    """
+    total = max(max_steps, 1)
+    rate = steps_done / elapsed if elapsed > 0 and steps_done > 0 else 0.0
+    eta = format_duration((total - step) / rate) if rate > 0 else "?"
+    parts = [f"{100 * step / total:.0f}%", f"elapsed {format_duration(elapsed)}", f"ETA {eta}"]
+    if rate > 0:
+        parts.append(f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step")
+    return ", ".join(parts)
+
+
 class LogMetricsCallback(TrainerCallback):
-    """Logs each `Trainer.log` dict once (world rank 0) through logging, in place of a bare print()."""
+    """Logs each `Trainer.log` dict once (world rank 0) through logging, in place of a bare print():
+    `step 10/108: loss 0.1 | ... (9%, elapsed 0:00:01, ETA 0:00:09, 9.81 steps/s)`, so a nohup log
+    shows progress with the metrics even with --disable_tqdm."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+        self.first_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             shown = {k: v for k, v in logs.items() if k != "total_flos"}
-            logger.info("step %d/%d: %s", state.global_step, state.max_steps, format_metrics(shown))
+            line = f"step {state.global_step}/{state.max_steps}: {format_metrics(shown)}"
+            if self.started is not None:
+                elapsed = time.time() - self.started
+                line += f" ({format_progress(state.global_step, state.max_steps, elapsed, state.global_step - self.first_step)})"
+            logger.info(line)
         return control
 
 

@@ -26,7 +26,6 @@ import enum
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import platform
 import resource
@@ -38,8 +37,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
 
+from dist_logger import format_duration
 from run_plots import CURVES_FILE, RunCurves, plot_runs, run_label
 
 logger = logging.getLogger("dft.tracking")
@@ -231,52 +230,6 @@ def configure_progress_bars(training_args) -> None:
     if training_args.disable_tqdm:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-def progress_line(step: int, max_steps: int, elapsed: float, steps_done: int, logs: dict[str, Any]) -> str:
-    """One log line: step/total, percent, elapsed, ETA and the step's metrics.
-
-    `steps_done` counts only this session's steps (after a resume) so the rate, and the ETA, are real.
-    """
-    total = max(max_steps, 1)
-    rate = steps_done / elapsed if elapsed > 0 and steps_done > 0 else 0.0
-    eta = (total - step) / rate if rate > 0 else float("nan")
-    parts = [
-        f"step {step}/{max_steps} ({100 * step / total:.0f}%)",
-        f"elapsed {format_duration(elapsed)}",
-        f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}",
-    ]
-    if rate > 0:
-        parts.append(f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step")
-    for key, value in logs.items():
-        if key == "total_flos" or not isinstance(value, (int, float)):
-            continue
-        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
-    return " | ".join(parts)
-
-
-class ProgressLogCallback(TrainerCallback):
-    """With --disable_tqdm (nohup logs): one line per log/eval step on rank 0, instead of a printed dict."""
-
-    def __init__(self):
-        self.started: float | None = None
-        self.first_step = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.time()
-        self.first_step = state.global_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or self.started is None:
-            return
-        elapsed = time.time() - self.started
-        logger.info(progress_line(state.global_step, state.max_steps, elapsed, state.global_step - self.first_step, logs))
 
 
 # ---- trackers --------------------------------------------------------------------------------------
@@ -541,9 +494,6 @@ class RunRecorder:
             recorder.trackers.append("wandb")
         if "tensorboard" in report_to:
             setup_tensorboard(trainer, run_config)
-        if args.disable_tqdm:
-            trainer.remove_callback(PrinterCallback)
-            trainer.add_callback(ProgressLogCallback())
         trainer.add_callback(recorder.session)
         return recorder
 
