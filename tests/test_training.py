@@ -228,3 +228,27 @@ def test_liger_flag_keeps_only_loss_free_kernels():
         args = DFTTrainingArguments(output_dir="unused", use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True})
         assert args.liger_kernel_config["fused_linear_cross_entropy"] is False
         assert args.liger_kernel_config["cross_entropy"] is False
+
+
+def test_every_flag_users_launch_with_is_accepted(tmp_path, tiny_model_dir, sample_files):
+    """The flags of existing launch scripts (issue #2's list) parse, with their meaning."""
+    model_args, data_args, training_args, _ = train_dft.parse_args([
+        "--model_name_or_path", tiny_model_dir, "--torch_dtype", "float32", "--attn_implementation", "sdpa",
+        "--trust_remote_code", "False", "--data_files", *sample_files, "--max_length", "1024",
+        "--preprocessing_num_workers", "2", "--validation_split_percentage", "5", "--enable_gradient_checkpointing", "True",
+        "--dft_alpha", "0.5", "--bf16", "True", "--num_train_epochs", "2", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "3", "--learning_rate", "1e-5", "--lr_scheduler_type", "cosine",
+        "--weight_decay", "0.1", "--gradient_accumulation_steps", "4", "--eval_strategy", "steps", "--eval_steps", "50",
+        "--save_strategy", "steps", "--save_steps", "100", "--save_total_limit", "2", "--save_only_model", "True",
+        "--report_to", "none", "--logging_steps", "5", "--warmup_ratio", "0.03", "--output_dir", str(tmp_path / "o"),
+        "--logging_dir", str(tmp_path / "l"), "--remove_unused_columns", "False", "--ddp_find_unused_parameters", "False",
+        "--loss_impl", "full",
+    ])
+    assert model_args.attn_implementation == "sdpa" and model_args.torch_dtype == "float32"
+    assert data_args.data_files == sample_files and data_args.max_length == 1024 and data_args.validation_split_percentage == 5
+    assert training_args.dft_alpha == 0.5 and training_args.gradient_checkpointing
+    assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert training_args.warmup_steps == 0.03 and training_args.logging_dir == str(tmp_path / "l")
+    assert training_args.gradient_accumulation_steps == 4 and training_args.save_total_limit == 2
+    assert training_args.save_only_model and not training_args.remove_unused_columns
+    assert training_args.ddp_find_unused_parameters is False and training_args.loss_impl == "full"
