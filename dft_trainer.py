@@ -41,6 +41,8 @@ class DFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._stat_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._eval_prefix = "eval"
+        # Supervised tokens of all ranks, and this rank's tokens, over every optimizer step so far.
+        self.tokens_trained: dict[str, torch.Tensor | int] = {"supervised": 0, "local_total": 0}
         self.loss_impl = resolve_loss_impl(self.args.loss_impl, self.accelerator.unwrap_model(self.model))
 
     # ---- loss -----------------------------------------------------------------------------------
@@ -58,6 +60,13 @@ class DFTTrainer(Trainer):
             if self.accelerator.num_processes > 1:
                 # Every rank must join this collective, including one with an empty step.
                 supervised = self.accelerator.gather(supervised.reshape(1)).sum()
+            # Running totals for the run summary; tensors, so no device sync per step.
+            self.tokens_trained["supervised"] = self.tokens_trained["supervised"] + supervised
+        for batch in batch_samples:
+            mask = batch.get("attention_mask")
+            self.tokens_trained["local_total"] = self.tokens_trained["local_total"] + (
+                mask.sum() if mask is not None else batch["input_ids"].numel()
+            )
         return batch_samples, supervised
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -329,37 +329,26 @@ class SessionStart(TrainerCallback):
 
 
 class TokenCounter:
-    """Counts the tokens of this session's optimizer steps without a device sync per step.
+    """Tokens of this session's optimizer steps, from the counts `DFTTrainer.get_batch_samples` keeps.
 
-    Supervised tokens: the step's `num_items_in_batch` (DFTTrainer already sums it over micro-batches and
-    ranks). All tokens: this rank's attention-mask sum, reduced over ranks once in `totals()`.
+    Supervised tokens: the sum of the steps' `num_items_in_batch` (already over micro-batches and ranks).
+    All tokens: this rank's count, reduced over ranks once in `totals()`.
     """
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.supervised: torch.Tensor | int = 0
-        self.local_tokens: torch.Tensor | int = 0
-        original = trainer.get_batch_samples
-
-        def counting_get_batch_samples(epoch_iterator, num_batches, device):
-            batches, num_items_in_batch = original(epoch_iterator, num_batches, device)
-            if num_items_in_batch is not None:
-                self.supervised = self.supervised + num_items_in_batch
-            for batch in batches:
-                mask = batch.get("attention_mask")
-                self.local_tokens = self.local_tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
-            return batches, num_items_in_batch
-
-        # Trainer looks the method up on the instance, so this wraps only this trainer's counting.
-        trainer.get_batch_samples = counting_get_batch_samples
+        self.start = dict(trainer.tokens_trained)
 
     def totals(self) -> tuple[int, int]:
         """(supervised tokens, all tokens) over all ranks. Every rank must call it (one all-reduce)."""
         device = self.trainer.args.device
-        local = torch.as_tensor(self.local_tokens, device=device, dtype=torch.int64).reshape(1)
+        counts = self.trainer.tokens_trained
+        supervised = torch.as_tensor(counts["supervised"]) - torch.as_tensor(self.start["supervised"])
+        local = torch.as_tensor(counts["local_total"], device=device, dtype=torch.int64).reshape(1)
+        local = local - torch.as_tensor(self.start["local_total"], device=device, dtype=torch.int64)
         if self.trainer.accelerator.num_processes > 1:
             local = self.trainer.accelerator.reduce(local, reduction="sum")
-        return int(torch.as_tensor(self.supervised).item()), int(local.item())
+        return int(supervised.item()), int(local.item())
 
 
 # ---- summary ---------------------------------------------------------------------------------------

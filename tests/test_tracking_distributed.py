@@ -62,5 +62,5 @@ def test_only_rank_zero_tracks_and_tokens_add_up_over_ranks(tmp_path, tiny_model
     # Each rank saw half of the epoch; the totals are reduced over both.
     assert summary["supervised_tokens"] == data_totals["train_supervised_tokens_per_epoch"]
     assert summary["total_tokens"] == data_totals["train_tokens_per_epoch"]
-    progress = [line for line in result.stderr.splitlines() if "dft.tracking: step 4/4 (100%)" in line]
+    progress = [line for line in result.stderr.splitlines() if "dft: step 4/4: " in line and "(100%, elapsed" in line]
     assert progress and all("[rank 0/2]" in line for line in progress)
