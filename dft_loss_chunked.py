@@ -29,18 +29,23 @@ DEFAULT_CHUNK_SIZE = 512
 class ChunkedDFTFunction(torch.autograd.Function):
     """sum_t w_t * CE_t over rows of `hidden`, with w_t = sg(alpha * p_t + 1 - alpha).
 
-    forward(hidden (n, H), weight (V, H), bias (V,) | None, targets (n,), alpha, chunk_size)
-      -> (loss_sum () fp32, stats (5,) float64 detached)
+    forward(hidden (n, H), weight (V, H), bias (V,) | None, targets (n,), alpha, chunk_size, compute_grads,
+            matmul_dtype) -> (loss_sum () fp32, stats (5,) float64 detached)
+
+    `compute_grads` is decided by the caller (grad mode is always off inside forward): evaluation under
+    no_grad must not build a (V, H) weight gradient. `matmul_dtype` is the dtype the LM head's matmuls run
+    in (bf16 under --bf16 autocast even for fp32 weights, as the model's own lm_head would).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, dft_alpha, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, dft_alpha, chunk_size, compute_grads, matmul_dtype):
         n_tokens = hidden.shape[0]
-        compute_grads = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         # fp32 accumulation for fp32 weights (exact on CPU); low-precision weights accumulate in their
         # own dtype, as their autograd gradient would be, so no (V, H) fp32 copy is added to the peak.
         grad_hidden = torch.empty_like(hidden) if compute_grads and hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight) if compute_grads and weight.requires_grad else None
+        weight_mm = weight.to(matmul_dtype)  # (V, H); a no-op unless autocast runs the head in 16 bits
+        bias_mm = bias.to(matmul_dtype) if bias is not None else None
         grad_bias = torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32)) if compute_grads and bias is not None and bias.requires_grad else None
         compute_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 at least
         loss_sum = torch.zeros((), dtype=compute_dtype, device=hidden.device)
@@ -50,9 +55,9 @@ class ChunkedDFTFunction(torch.autograd.Function):
             end = min(start + chunk_size, n_tokens)
             hidden_chunk = hidden[start:end]  # (c, H)
             target_chunk = targets[start:end]  # (c,)
-            logits = hidden_chunk @ weight.t()  # (c, V) in the model dtype, as the LM head computes it
-            if bias is not None:
-                logits = logits + bias
+            logits = hidden_chunk.to(matmul_dtype) @ weight_mm.t()  # (c, V), as the LM head computes it
+            if bias_mm is not None:
+                logits = logits + bias_mm
             logits = logits.to(compute_dtype)  # (c, V) fp32
             correct = (logits.argmax(dim=-1) == target_chunk).double().sum()
             log_normaliser = torch.logsumexp(logits, dim=-1)  # (c,)
@@ -70,11 +75,14 @@ class ChunkedDFTFunction(torch.autograd.Function):
             grad_logits.mul_(weight_t.unsqueeze(-1))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
-            grad_logits = grad_logits.to(weight.dtype)
+            grad_logits = grad_logits.to(matmul_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits @ weight  # (c, H)
+                grad_hidden[start:end] = grad_logits @ weight_mm  # (c, H)
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden_chunk.to(weight.dtype))  # (V, H)
+                if grad_weight.dtype == matmul_dtype:
+                    grad_weight.addmm_(grad_logits.t(), hidden_chunk.to(matmul_dtype))  # (V, H)
+                else:  # fp32 weights with a 16-bit head: the chunk's product, accumulated in fp32
+                    grad_weight += (grad_logits.t() @ hidden_chunk.to(matmul_dtype)).to(grad_weight.dtype)
             del logits, grad_logits
         ctx.save_for_backward(
             grad_hidden if grad_hidden is not None else torch.empty(0),
@@ -90,10 +98,14 @@ class ChunkedDFTFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         has_hidden, has_weight, has_bias = ctx.has_grads
+        # In place: the saved gradients are not needed again (no retain_graph), and a second (V, H)
+        # tensor would raise the peak.
         return (
-            grad_hidden * grad_loss.to(grad_hidden.dtype) if has_hidden else None,
-            grad_weight * grad_loss.to(grad_weight.dtype) if has_weight else None,
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)) if has_hidden else None,
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype)) if has_weight else None,
             (grad_bias * grad_loss).to(ctx.bias_dtype) if has_bias else None,
+            None,
+            None,
             None,
             None,
             None,
@@ -108,6 +120,7 @@ def dft_loss_from_hidden(
     num_items_in_batch: torch.Tensor | int | None = None,
     lm_head_bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    matmul_dtype: torch.dtype | None = None,
 ) -> DFTLossOutput:
     """Chunked DFT loss from the backbone's last hidden states (pure function).
 
@@ -118,6 +131,7 @@ def dft_loss_from_hidden(
         dft_alpha, num_items_in_batch: as in `dft_loss.dft_loss_from_logits`.
         lm_head_bias: (V,) or None.
         chunk_size: supervised tokens per chunk; peak extra memory ~ chunk_size x V x 6 bytes.
+        matmul_dtype: dtype of the LM-head matmuls (default: the weight's); the loss math is fp32 or wider.
     """
     if chunk_size < 1:
         raise ValueError(f"--loss_chunk_size must be >= 1, got {chunk_size}.")
@@ -125,8 +139,12 @@ def dft_loss_from_hidden(
     mask = targets != IGNORE_INDEX
     selected_hidden = hidden_states[mask]  # (n, H)
     selected_targets = targets[mask]  # (n,)
+    compute_grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (selected_hidden, lm_head_weight, lm_head_bias)
+    )
     loss_sum, stats = ChunkedDFTFunction.apply(
-        selected_hidden, lm_head_weight, lm_head_bias, selected_targets, float(dft_alpha), int(chunk_size)
+        selected_hidden, lm_head_weight, lm_head_bias, selected_targets, float(dft_alpha), int(chunk_size),
+        compute_grads, matmul_dtype or lm_head_weight.dtype,
     )
     n = normaliser(num_items_in_batch, selected_targets.numel(), hidden_states.device)
     loss = loss_sum / n.to(loss_sum.dtype)
@@ -137,17 +155,23 @@ def dft_loss_from_hidden(
 
 
 # ---- model plumbing -------------------------------------------------------------------------------
-UNSUPPORTED_CONFIG_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+# Config fields of models whose logits are not plain `hidden @ W^T + b` (soft-capping, scaling).
+UNSUPPORTED_CONFIG_FIELDS = (
+    "final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling", "logits_soft_cap",
+    "lm_head_multiplier", "output_multiplier", "softcap",
+)
 
 
 def chunked_unsupported_reason(model) -> str | None:
     """Why `--loss_impl chunked` cannot reproduce this model's logits exactly, or None if it can."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
-    for name in UNSUPPORTED_CONFIG_FIELDS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            return f"model type {model_type!r} scales or soft-caps its logits ({name}={value})"
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in {id(config): config, id(text_config): text_config}.values():
+        for name in UNSUPPORTED_CONFIG_FIELDS:
+            value = getattr(cfg, name, None)
+            if value not in (None, 1, 1.0, 0, 0.0):
+                return f"model type {model_type!r} scales or soft-caps its logits ({name}={value})"
     if model.get_output_embeddings() is None:
         return f"model type {model_type!r} has no output embedding (LM head) to chunk"
     forward_params = inspect.signature(model.forward).parameters
@@ -161,18 +185,23 @@ def chunked_unsupported_reason(model) -> str | None:
     return None
 
 
-def _gathered(weight: torch.Tensor):
-    """DeepSpeed ZeRO-3 keeps parameters partitioned; gather the LM head for this micro-batch."""
-    if hasattr(weight, "ds_id"):
+def _gathered(*params: torch.Tensor | None):
+    """DeepSpeed ZeRO-3 keeps parameters partitioned; gather the LM head (weight and bias) for this micro-batch."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if partitioned:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
     return contextlib.nullcontext()
 
 
-def dft_loss_chunked(model, inputs: dict, labels: torch.Tensor, dft_alpha: float, num_items_in_batch, chunk_size: int):
+def dft_loss_chunked(
+    model, inputs: dict, labels: torch.Tensor, dft_alpha: float, num_items_in_batch, chunk_size: int,
+    matmul_dtype: torch.dtype | None = None,
+):
     """Runs `model` (possibly DDP/DeepSpeed/peft-wrapped) without its LM head and returns
     (DFTLossOutput, model outputs). The wrapper's own forward is called, so DDP and ZeRO hooks run.
+    `matmul_dtype`: the autocast dtype under --bf16/--fp16 (autocast wraps only the model's forward).
     """
     unwrapped = model
     while hasattr(unwrapped, "module"):  # DDP / DeepSpeed engine
@@ -193,18 +222,25 @@ def dft_loss_chunked(model, inputs: dict, labels: torch.Tensor, dft_alpha: float
     hidden = captured["hidden"]  # (B, T, H)
     weight = head.weight
     bias = getattr(head, "bias", None)
-    with _gathered(weight):
-        result = dft_loss_from_hidden(hidden, weight, labels, dft_alpha, num_items_in_batch, bias, chunk_size)
+    with _gathered(weight, bias):
+        result = dft_loss_from_hidden(hidden, weight, labels, dft_alpha, num_items_in_batch, bias, chunk_size, matmul_dtype)
     return result, outputs
 
 
-def resolve_loss_impl(requested: str, model) -> str:
-    """'auto' -> 'chunked' on GPU or with a vocabulary of 32K+ tokens, when the model allows it.
+def resolve_loss_impl(requested: str, model, n_gpu: int = 1, fp16: bool = False) -> str:
+    """'auto' -> 'chunked' on GPU or with a vocabulary of 32K+ tokens, when the model allows it: a
+    transformers model (remote code may transform its logits in ways no config field says), not under
+    nn.DataParallel (n_gpu > 1: replicas would each run the hidden-state hook), not with --fp16 (its
+    gradients are formed in forward, before fp16 loss scaling could protect them).
 
     Raises:
-        ValueError: 'chunked' was asked for a model it cannot handle exactly.
+        ValueError: 'chunked' was asked for a model or setting it cannot handle exactly.
     """
     reason = chunked_unsupported_reason(model)
+    if reason is None and n_gpu > 1:
+        reason = "nn.DataParallel (several GPUs in one process) is not supported; launch with torchrun or deepspeed"
+    if reason is None and fp16:
+        reason = "--fp16 loss scaling cannot protect gradients formed in forward; use --bf16"
     if requested == "chunked":
         if reason:
             raise ValueError(f"--loss_impl chunked: {reason}; use --loss_impl full.")
@@ -213,4 +249,5 @@ def resolve_loss_impl(requested: str, model) -> str:
         return "full"
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
     large = vocab_size >= 32_000 or torch.cuda.is_available()
-    return "chunked" if large and reason is None else "full"
+    native = type(getattr(model, "base_model", model)).__module__.startswith(("transformers.", "peft."))
+    return "chunked" if large and reason is None and native else "full"

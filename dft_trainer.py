@@ -43,7 +43,11 @@ class DFTTrainer(Trainer):
         self._eval_prefix = "eval"
         # Supervised tokens of all ranks, and this rank's tokens, over every optimizer step so far.
         self.tokens_trained: dict[str, torch.Tensor | int] = {"supervised": 0, "local_total": 0}
-        self.loss_impl = resolve_loss_impl(self.args.loss_impl, self.accelerator.unwrap_model(self.model))
+        self.loss_impl = resolve_loss_impl(
+            self.args.loss_impl, self.accelerator.unwrap_model(self.model), n_gpu=self.args.n_gpu, fp16=self.args.fp16
+        )
+        # Autocast wraps only the model's forward; the chunked LM head runs in the same 16-bit dtype.
+        self._head_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
 
     # ---- loss -----------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -80,7 +84,8 @@ class DFTTrainer(Trainer):
         step_tokens = num_items_in_batch if training else None
         if self.loss_impl == "chunked":
             result, outputs = dft_loss_chunked(
-                model, inputs, labels, self.args.dft_alpha, step_tokens, chunk_size=self.args.loss_chunk_size
+                model, inputs, labels, self.args.dft_alpha, step_tokens, chunk_size=self.args.loss_chunk_size,
+                matmul_dtype=self._head_dtype,
             )
         else:
             outputs = model(**inputs, use_cache=False)

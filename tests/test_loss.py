@@ -208,3 +208,51 @@ def test_metrics_are_ratios_of_sums():
     stats = torch.tensor([4.0, 2.0, 8.0, 3.0, 1.0], dtype=torch.float64)
     metrics = metrics_from_stats(stats, prefix="eval_")
     assert metrics == {"eval_avg_p_correct": 0.75, "eval_ce_loss": 2.0, "eval_token_accuracy": 0.25, "eval_dft_loss": 0.5}
+
+
+def test_chunked_under_no_grad_builds_no_gradient_and_keeps_the_value():
+    hidden = torch.randn(2, 6, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 6))
+    with torch.no_grad():
+        evaluated = dft_loss_from_hidden(hidden, weight, labels, 0.7)
+    trained = dft_loss_from_hidden(hidden, weight, labels, 0.7)
+    assert not evaluated.loss.requires_grad
+    assert evaluated.loss.item() == pytest.approx(trained.loss.item(), rel=1e-7)
+
+
+def test_chunked_16bit_head_matches_the_autocast_lm_head():
+    """fp32 weights under --bf16 autocast: the model's lm_head computes bf16 logits; so must the chunks."""
+    hidden = torch.randn(2, 16, 8)
+    weight = torch.randn(50, 8) * 0.3
+    labels = torch.randint(0, 50, (2, 16))
+    labels[:, :3] = IGNORE_INDEX
+    h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logits = (h_full.bfloat16() @ w_full.bfloat16().t())  # what autocast's lm_head produces
+    full = dft_loss_from_logits(logits, labels, 1.0)
+    full.loss.backward()
+    h_c, w_c = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    chunked = dft_loss_from_hidden(h_c, w_c, labels, 1.0, chunk_size=5, matmul_dtype=torch.bfloat16)
+    chunked.loss.backward()
+    assert chunked.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    assert w_c.grad.dtype == torch.float32 and h_c.grad.dtype == torch.float32
+    torch.testing.assert_close(h_c.grad, h_full.grad, rtol=2e-2, atol=1e-3)  # bf16 products, summed differently
+    torch.testing.assert_close(w_c.grad, w_full.grad, rtol=2e-2, atol=1e-3)
+
+
+def test_chunked_is_refused_where_it_cannot_be_exact(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from dft_loss_chunked import chunked_unsupported_reason, resolve_loss_impl
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert chunked_unsupported_reason(model) is None
+    assert resolve_loss_impl("auto", model) == "full"  # small vocabulary, no GPU
+    with pytest.raises(ValueError, match="DataParallel"):
+        resolve_loss_impl("chunked", model, n_gpu=2)
+    with pytest.raises(ValueError, match="--fp16"):
+        resolve_loss_impl("chunked", model, fp16=True)
+    model.config.final_logit_softcapping = 30.0
+    assert "soft-caps" in chunked_unsupported_reason(model)
+    with pytest.raises(ValueError, match="--loss_impl chunked: model type 'qwen2' scales or soft-caps"):
+        resolve_loss_impl("chunked", model)
