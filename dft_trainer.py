@@ -82,6 +82,8 @@ class DFTTrainer(Trainer):
         training = model.training
         # Evaluation normalises per batch; its logged loss is rebuilt from token sums in log().
         step_tokens = num_items_in_batch if training else None
+        if not training:
+            labels = self._mask_eval_padding_duplicates(labels)
         if self.loss_impl == "chunked":
             result, outputs = dft_loss_chunked(
                 model, inputs, labels, self.args.dft_alpha, step_tokens, chunk_size=self.args.loss_chunk_size,
@@ -96,6 +98,25 @@ class DFTTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         self._add_stats("train" if training else "eval", result.stats)
         return (loss, outputs) if return_outputs else loss
+
+    def _mask_eval_padding_duplicates(self, labels: torch.Tensor) -> torch.Tensor:
+        """accelerate pads the last evaluation batch of some ranks with repeated samples (even_batches)
+        and `gather_for_metrics` drops them from Trainer's own results; drop them from our sums too.
+
+        The gathered last batch is rank 0's rows, then rank 1's, ...; global rows >= `remainder` repeat.
+        labels: (B, T) -> (B, T) with IGNORE_INDEX on the repeated rows.
+        """
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return labels
+        rows = labels.shape[0]
+        global_rows = torch.arange(rows, device=labels.device) + self.accelerator.process_index * rows
+        repeated = global_rows >= state.remainder  # (B,)
+        if not repeated.any():
+            return labels
+        labels = labels.clone()
+        labels[repeated] = IGNORE_INDEX
+        return labels
 
     # ---- metrics --------------------------------------------------------------------------------
     def _add_stats(self, mode: str, stats: torch.Tensor) -> None:

@@ -213,3 +213,34 @@ def test_train_sh_prints_and_writes_timestamped_log(ddp):
     assert "torchrun --nproc_per_node 2" in log_text and "--use_cpu True" in log_text
     assert "dft: step 3/3: loss" in log_text
     assert log_text.rstrip().endswith(f"exit status 0; log file: {match.group(1)}")
+
+
+def test_ddp_evaluation_ignores_the_samples_accelerate_repeats(workdir):
+    """5 eval conversations over 2 ranks x batch 2: accelerate repeats samples to even the last batch;
+    the eval metrics must equal one process's over the 5 real conversations."""
+    import json as json_module
+
+    import train_dft
+
+    lines = (ROOT / "data" / "sample" / "chat_en.jsonl").read_text(encoding="utf-8").splitlines()
+    train_file, eval_file = workdir / "eval_train.jsonl", workdir / "eval_5.jsonl"
+    train_file.write_text("\n".join(lines[:8]) + "\n", encoding="utf-8")
+    eval_file.write_text("\n".join(lines[100:105]) + "\n", encoding="utf-8")
+    args = [
+        "--model_name_or_path", str(ROOT / "assets" / "tiny-qwen2"), "--data_files", str(train_file),
+        "--eval_data_files", str(eval_file), "--max_steps", "1", "--learning_rate", "0", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "no",
+        "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1",
+    ]
+    train_dft.main(args + ["--output_dir", str(workdir / "eval_one")])
+    launch("torchrun", args + ["--output_dir", str(workdir / "eval_two")], workdir / "eval_two.console")
+
+    def eval_metrics(run: str) -> dict:
+        history = json_module.loads((workdir / run / "trainer_state.json").read_text())["log_history"]
+        entry = next(e for e in history if "eval_loss" in e)
+        return {k: v for k, v in entry.items() if k in ("eval_loss", "eval_ce_loss", "eval_avg_p_correct", "eval_token_accuracy")}
+
+    one, two = eval_metrics("eval_one"), eval_metrics("eval_two")
+    assert len(one) == 4
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5), key
