@@ -17,6 +17,7 @@ import pytest
 
 import run_plots
 import train_dft
+from dist_helpers import write_small_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,9 +45,7 @@ def assert_real_plot(path) -> None:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_model_dir, sample_files):
     root = tmp_path_factory.mktemp("plots")
-    data = root / "chat.jsonl"
-    with open(sample_files[0], encoding="utf-8") as f:
-        data.write_text("".join(f.readlines()[:60]), encoding="utf-8")
+    data = write_small_data(root, 60)
     runs = {}
     for name, alpha in (("sft", "0.0"), ("dft", "1.0")):
         output_dir = root / name

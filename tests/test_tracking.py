@@ -18,6 +18,7 @@ import tracking
 import train_dft
 from data_utils import FileReport
 from tracker_files import swanlab_offline_run, tensorboard_scalars, wandb_offline_run
+from dist_helpers import write_small_data
 
 TRAIN_METRICS = ("loss", "avg_p_correct", "dft_alpha", "ce_loss", "token_accuracy")
 EVAL_METRICS = ("loss", "avg_p_correct", "ce_loss", "token_accuracy", "perplexity")
@@ -133,9 +134,7 @@ def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
 def tracked_run(tmp_path_factory, tiny_model_dir, sample_files):
     """One epoch of DFT on 40 conversations (36 train, 4 eval), reporting to swanlab, wandb, tensorboard."""
     root = tmp_path_factory.mktemp("tracked")
-    data = root / "chat.jsonl"
-    with open(sample_files[0], encoding="utf-8") as f:
-        data.write_text("".join(f.readlines()[:40]), encoding="utf-8")
+    data = write_small_data(root, 40)
     output_dir = root / "run"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tracker_files import swanlab_offline_run, tensorboard_scalars, wandb_offline_run
+from dist_helpers import write_small_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,9 +26,7 @@ def free_port() -> int:
 
 @pytest.mark.distributed
 def test_only_rank_zero_tracks_and_tokens_add_up_over_ranks(tmp_path, tiny_model_dir, sample_files):
-    data = tmp_path / "chat.jsonl"
-    with open(sample_files[0], encoding="utf-8") as f:
-        data.write_text("".join(f.readlines()[:36]), encoding="utf-8")  # 32 train (4 steps of 2 x 4), 4 eval
+    data = write_small_data(tmp_path, 36)  # 32 train (4 steps of 2 x 4), 4 eval
     output_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "SWANLAB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     for name in ("WANDB_DIR", "SWANLAB_LOG_DIR", "TENSORBOARD_LOGGING_DIR"):
