@@ -1,0 +1,513 @@
+"""Sweeps of loss variants x seeds with the same data, budget and evaluation (scripts/compare.py).
+
+Each run is its own launch of `train_dft.py` (plain python, `scripts/train.sh`, torchrun or the
+deepspeed launcher), so a sweep works wherever one run does, and a crash in one run cannot take the
+others down. The sweep's root holds one folder per run (`<variant>-seed<N>`), `base/` (the starting
+model evaluated once with scripts/evaluate.py), `compare.json` and `compare.png`.
+
+Everything the table shows is read back from the runs' own files (trainer_state.json,
+run_summary.json), so re-running the command on a half-finished sweep only launches what is missing:
+a run folder with run_summary.json is finished and never redone.
+
+The pure parts (variant parsing, the plan, reading a run, mean/std, the table) take and return plain
+values so the tests check them against hand computations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+RUN_SUMMARY_FILE = "run_summary.json"
+STATE_FILE = "trainer_state.json"
+LAUNCH_LOG = "compare_launch.log"
+RUN_STATUS_FILE = "compare_run.json"
+BASE_DIR = "base"
+BASE_RESULTS_FILE = "eval_results.json"
+COMPARE_JSON = "compare.json"
+COMPARE_PNG = "compare.png"
+
+ACCURACY = "eval_gen_accuracy"
+# Columns of the table after the accuracies: (metric, goal of its "best", format).
+FINAL_METRICS = ("eval_ce_loss", "eval_avg_p_correct", "eval_gen_finished")
+LOSS_TYPES = ("dft", "sft", "asft", "eaft")
+
+
+class SweepError(ValueError):
+    """A variant, seed list or option the user must fix (one line, exit code 2)."""
+
+
+# ---- variants ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the comparison: its name as given on the command line and the train_dft flags it adds."""
+
+    name: str
+    flags: tuple[str, ...]
+
+    @property
+    def slug(self) -> str:
+        """The name as a folder name (`dft_alpha=0.5` -> `dft_alpha_0.5`)."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name).strip("_")
+
+
+def parse_variant(spec: str, has_loss_type: bool = True) -> Variant:
+    """`sft`, `asft`, `dft_alpha=0.5`, `asft+anchor_kl_coef=0.05` -> train_dft flags.
+
+    A bare word is a loss type (`--loss_type WORD`); `key=value` is `--key value`; `+` joins parts.
+    Without `--loss_type` in this checkout (older train_dft), `sft` and `dft` fall back to
+    `--dft_alpha 0` / `--dft_alpha 1`.
+
+    Raises:
+        SweepError: an empty part, an unknown loss type, or a loss type this checkout cannot run.
+    """
+    flags: list[str] = []
+    for part in spec.split("+"):
+        part = part.strip()
+        if not part:
+            raise SweepError(f"--variants {spec!r}: empty part; write e.g. `asft+anchor_kl_coef=0.05`.")
+        if "=" in part:
+            key, _, value = part.partition("=")
+            key = key.strip().lstrip("-")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or value.strip() == "":
+                raise SweepError(f"--variants {spec!r}: {part!r} is not FLAG=VALUE (a train_dft.py flag without the dashes).")
+            flags += [f"--{key}", value.strip()]
+        elif part in LOSS_TYPES:
+            if has_loss_type:
+                flags += ["--loss_type", part]
+            elif part in ("sft", "dft"):
+                flags += ["--dft_alpha", "0" if part == "sft" else "1"]
+            else:
+                raise SweepError(f"--variants {part}: this checkout's train_dft.py has no --loss_type; only sft, dft and FLAG=VALUE variants work.")
+        else:
+            raise SweepError(f"--variants {part!r}: unknown loss type; use one of {', '.join(LOSS_TYPES)} or FLAG=VALUE.")
+    return Variant(name=spec, flags=tuple(flags))
+
+
+def train_has_loss_type() -> bool:
+    """Whether this checkout's train_dft.py takes --loss_type (the DFT family of issue 13)."""
+    sys.path.insert(0, ROOT) if ROOT not in sys.path else None
+    from arguments import DFTTrainingArguments
+
+    return "loss_type" in DFTTrainingArguments.__dataclass_fields__
+
+
+def parse_variants(specs: list[str], has_loss_type: bool | None = None) -> list[Variant]:
+    """Raises SweepError on a bad spec or two variants with the same folder name."""
+    if not specs:
+        raise SweepError("--variants: give at least one, e.g. `--variants sft dft asft`.")
+    has_loss_type = train_has_loss_type() if has_loss_type is None else has_loss_type
+    variants = [parse_variant(spec, has_loss_type) for spec in specs]
+    slugs = [v.slug for v in variants]
+    duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
+    if duplicates:
+        raise SweepError(f"--variants: {', '.join(duplicates)} given twice (or two variants map to the same folder name).")
+    return variants
+
+
+# ---- the plan -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the sweep."""
+
+    variant: Variant
+    seed: int
+    output_dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.slug}-seed{self.seed}"
+
+
+def plan_runs(variants: list[Variant], seeds: list[int], root: str) -> list[RunSpec]:
+    """Seed-major order (every variant at seed 0, then seed 1, ...): a sweep stopped half-way has a
+    comparable set of runs."""
+    return [
+        RunSpec(variant, seed, os.path.join(root, f"{variant.slug}-seed{seed}")) for seed in seeds for variant in variants
+    ]
+
+
+def run_is_finished(output_dir: str) -> bool:
+    """train_dft.py writes run_summary.json last, after the model: its presence means the run completed."""
+    return os.path.isfile(os.path.join(output_dir, RUN_SUMMARY_FILE))
+
+
+def has_checkpoint(output_dir: str) -> bool:
+    return os.path.isdir(output_dir) and any(re.fullmatch(r"checkpoint-\d+", n) for n in os.listdir(output_dir))
+
+
+def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and extra environment of one run.
+
+    launcher: `python` (this interpreter runs train_dft.py), `train.sh` (scripts/train.sh: its GPU /
+    DeepSpeed / NUM_PROCS logic; settings from the environment), or a launcher prefix such as
+    `torchrun --nproc_per_node 2` or `deepspeed --num_gpus 8` put before train_dft.py.
+    """
+    flags = [
+        "--model_name_or_path", model, *train_flags, *spec.variant.flags,
+        "--seed", str(spec.seed), "--output_dir", spec.output_dir, "--run_name", spec.name,
+    ]
+    if has_checkpoint(spec.output_dir):
+        flags += ["--resume_from_checkpoint", "latest"]
+    env = {}
+    if launcher == "python":
+        command = [sys.executable, os.path.join(ROOT, "train_dft.py")]
+    elif launcher == "train.sh":
+        command = ["bash", os.path.join(ROOT, "scripts", "train.sh")]
+        env = {"MODEL": model, "OUTPUT_DIR": spec.output_dir, "PYTHON": sys.executable}
+    else:
+        command = [*shlex.split(launcher), os.path.join(ROOT, "train_dft.py")]
+    return command + flags, env
+
+
+# ---- launching -------------------------------------------------------------------------------------------
+def exit_reason(returncode: int, log_text: str) -> str:
+    """`exit 2: error: --foo ...`: the exit status and the line that says why (the last `error:` line,
+    else the last line of a traceback, else the last line)."""
+    status = f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}"
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    why = next((line for line in reversed(lines) if line.startswith("error:")), None)
+    if why is None:
+        errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*", line)]
+        why = errors[-1] if errors else (lines[-1] if lines else "no output")
+    return f"{status}: {why[:300]}"
+
+
+def launch(command: list[str], env: dict[str, str], log_path: str, cwd: str = ROOT) -> tuple[int, float]:
+    """Runs one launch, its stdout and stderr appended to log_path. Returns (exit status, seconds)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    started = time.time()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {shlex.join(command)}\n")
+        log.flush()
+        completed = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return completed.returncode, time.time() - started
+
+
+def read_tail(path: str, limit: int = 20_000) -> str:
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        f.seek(max(0, os.path.getsize(path) - limit))
+        return f.read()
+
+
+# ---- reading a run back ------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What the table needs from one run (finished or failed)."""
+
+    variant: str
+    seed: int
+    output_dir: str
+    status: str  # "ok" or "failed"
+    reason: str = ""
+    final: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> [[step, value], ...]
+    tokens_per_second: float | None = None
+    wall_seconds: float | None = None
+
+
+def accuracy_keys(entries: list[dict]) -> list[str]:
+    """eval_gen_accuracy first, then the per-file ones (eval_gen_<stem>_accuracy), in order of appearance."""
+    keys: list[str] = []
+    for entry in entries:
+        for key in entry:
+            if key.startswith("eval_gen_") and key.endswith("_accuracy") and key not in keys:
+                keys.append(key)
+    return sorted(keys, key=lambda k: (k != ACCURACY, keys.index(k)))
+
+
+def eval_series(log_history: list[dict], key: str) -> list[list[float]]:
+    """[[step, value], ...] of one eval metric, one point per step (a later entry for a step wins)."""
+    points: dict[int, float] = {}
+    for entry in log_history:
+        value = entry.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            points[int(entry.get("step", 0))] = float(value)
+    return [[step, points[step]] for step in sorted(points)]
+
+
+def metrics_from_history(log_history: list[dict]) -> tuple[dict[str, float], dict[str, float], dict[str, list[list[float]]]]:
+    """(final, best, curves) of the eval metrics: final = the last evaluation, best = the highest
+    accuracy (the lowest for a loss) over the run's evaluations."""
+    final: dict[str, float] = {}
+    best: dict[str, float] = {}
+    curves: dict[str, list[list[float]]] = {}
+    for key in [*accuracy_keys(log_history), *FINAL_METRICS]:
+        series = eval_series(log_history, key)
+        if not series:
+            continue
+        curves[key] = series
+        values = [value for _, value in series]
+        final[key] = values[-1]
+        best[key] = min(values) if key.endswith("loss") else max(values)
+    return final, best, curves
+
+
+def read_run(spec: RunSpec, status: str = "ok", reason: str = "", wall_seconds: float | None = None) -> RunResult:
+    """A run's metrics from its trainer_state.json and run_summary.json (what exists of them)."""
+    result = RunResult(spec.variant.name, spec.seed, spec.output_dir, status, reason, wall_seconds=wall_seconds)
+    state_path = os.path.join(spec.output_dir, STATE_FILE)
+    if os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            result.final, result.best, result.curves = metrics_from_history(json.load(f).get("log_history", []))
+    summary_path = os.path.join(spec.output_dir, RUN_SUMMARY_FILE)
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        result.tokens_per_second = summary.get("tokens_per_second")
+        if result.wall_seconds is None:
+            result.wall_seconds = summary.get("wall_seconds")
+    status_path = os.path.join(spec.output_dir, RUN_STATUS_FILE)
+    if wall_seconds is None and os.path.isfile(status_path):
+        # The launch's own wall time (process start to exit: start-up, loading and evaluation included).
+        with open(status_path, encoding="utf-8") as f:
+            result.wall_seconds = json.load(f).get("seconds", result.wall_seconds)
+    return result
+
+
+# ---- aggregation ----------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1; 0 for one value) of the finite values."""
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def aggregate(results: list[RunResult], variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Per variant, over its successful seeds: mean/std of every final and best metric, tokens/s, wall time."""
+    table: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        ok = [r for r in results if r.variant == variant and r.status == "ok"]
+        runs = [r for r in results if r.variant == variant]
+        keys = []
+        for r in ok:
+            keys += [k for k in r.final if k not in keys]
+        row: dict[str, Any] = {
+            "runs": len(runs),
+            "ok": len(ok),
+            "seeds": [r.seed for r in ok],
+            "failed": {str(r.seed): r.reason for r in runs if r.status != "ok"},
+            "final": {k: mean_std([r.final.get(k) for r in ok]) for k in keys},
+            "best": {k: mean_std([r.best.get(k) for r in ok]) for k in keys},
+            "tokens_per_second": mean_std([r.tokens_per_second for r in ok]),
+            "wall_seconds": mean_std([r.wall_seconds for r in ok]),
+        }
+        table[variant] = row
+    return table
+
+
+def mean_curve(curves: list[list[list[float]]]) -> dict[str, list[float]]:
+    """Mean, std, min and max over seeds at each step that every seed evaluated at."""
+    if not curves:
+        return {"step": [], "mean": [], "std": [], "min": [], "max": []}
+    common = sorted(set.intersection(*[{step for step, _ in c} for c in curves]))
+    out: dict[str, list[float]] = {"step": common, "mean": [], "std": [], "min": [], "max": []}
+    for step in common:
+        values = [value for c in curves for s, value in c if s == step]
+        stats = mean_std(values)
+        out["mean"].append(stats["mean"])
+        out["std"].append(stats["std"])
+        out["min"].append(min(values))
+        out["max"].append(max(values))
+    return out
+
+
+# ---- the table --------------------------------------------------------------------------------------------------
+def _pm(stats: dict[str, Any] | None, digits: int = 3) -> str:
+    if not stats or stats.get("mean") is None:
+        return "-"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _short(key: str) -> str:
+    """eval_gen_shifted_accuracy -> acc[shifted]; eval_gen_accuracy -> acc."""
+    if key == ACCURACY:
+        return "acc"
+    if key.startswith("eval_gen_") and key.endswith("_accuracy"):
+        return f"acc[{key[len('eval_gen_'):-len('_accuracy')]}]"
+    return key.removeprefix("eval_")
+
+
+def table_rows(compare: dict[str, Any]) -> list[list[str]]:
+    """The console table as rows of cells (header first): base row, then one row per variant."""
+    variants = compare["variants"]
+    keys: list[str] = []
+    for row in variants.values():
+        keys += [k for k in row["final"] if k not in keys]
+    base = compare.get("base") or {}
+    keys += [k for k in base.get("metrics", {}) if k.startswith("eval_gen_") and k.endswith("_accuracy") and k not in keys]
+    acc_keys = sorted([k for k in keys if k.endswith("_accuracy")], key=lambda k: (k != ACCURACY, keys.index(k)))
+    header = ["variant", "runs"]
+    for key in acc_keys:
+        header += [f"final {_short(key)}", f"best {_short(key)}"]
+    header += [_short(k) for k in FINAL_METRICS] + ["tokens/s", "wall s"]
+    rows = [header]
+    if base:
+        cells = ["base (before training)", "1" if base.get("status") == "ok" else base.get("status", "-")]
+        metrics = base.get("metrics", {})
+        for key in acc_keys:
+            value = metrics.get(key)
+            cells += [f"{value:.3f}" if isinstance(value, (int, float)) else "-", ""]
+        for key in FINAL_METRICS:
+            value = metrics.get(key)
+            cells.append(f"{value:.3f}" if isinstance(value, (int, float)) else "-")
+        rows.append(cells + ["", ""])
+    for name, row in variants.items():
+        cells = [name, f"{row['ok']}/{row['runs']}"]
+        for key in acc_keys:
+            cells += [_pm(row["final"].get(key)), _pm(row["best"].get(key))]
+        cells += [_pm(row["final"].get(k)) for k in FINAL_METRICS]
+        tps = row["tokens_per_second"]
+        cells.append(f"{tps['mean']:,.0f}" if tps["mean"] is not None else "-")
+        wall = row["wall_seconds"]
+        cells.append(f"{wall['mean']:.0f}" if wall["mean"] is not None else "-")
+        rows.append(cells)
+    return rows
+
+
+def format_table(compare: dict[str, Any]) -> str:
+    """Aligned text table (mean ± sample std over seeds), then one line per failed run with its reason."""
+    rows = table_rows(compare)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for name, row in compare["variants"].items():
+        for seed, reason in row["failed"].items():
+            lines.append(f"FAILED {name} seed {seed}: {reason}")
+    base = compare.get("base") or {}
+    if base and base.get("status") != "ok":
+        lines.append(f"base model not evaluated: {base.get('reason', '')}")
+    return "\n".join(lines)
+
+
+# ---- the sweep --------------------------------------------------------------------------------------------------
+@dataclass
+class SweepConfig:
+    """Everything a sweep needs; scripts/compare.py builds it from the command line or a YAML file."""
+
+    model_name_or_path: str
+    output_dir: str
+    variants: list[Variant]
+    seeds: list[int]
+    train_flags: list[str]
+    launcher: str = "python"
+    base_eval_flags: list[str] | None = None  # None: no base-model evaluation
+    command_line: str = ""
+
+
+def evaluate_base(config: SweepConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """The starting model scored once by scripts/evaluate.py into ROOT/base/eval_results.json (reused
+    when already there)."""
+    base_dir = os.path.join(config.output_dir, BASE_DIR)
+    results_path = os.path.join(base_dir, BASE_RESULTS_FILE)
+    if not os.path.isfile(results_path):
+        script = os.path.join(ROOT, "scripts", "evaluate.py")
+        if not os.path.isfile(script):
+            return {"status": "skipped", "reason": "scripts/evaluate.py is not in this checkout"}
+        command = [sys.executable, script, "--model_name_or_path", config.model_name_or_path, *config.base_eval_flags, "--output_dir", base_dir]
+        log(f"evaluating the base model: {shlex.join(command)}")
+        code, _ = launch(command, {}, os.path.join(base_dir, LAUNCH_LOG))
+        if code != 0 or not os.path.isfile(results_path):
+            return {"status": "failed", "reason": exit_reason(code, read_tail(os.path.join(base_dir, LAUNCH_LOG)))}
+    with open(results_path, encoding="utf-8") as f:
+        results = json.load(f)
+    metrics = results.get("metrics", results)
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"status": "ok", "output_dir": base_dir, "metrics": numbers}
+
+
+def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Launches every run that is not finished, one after another, then writes compare.json and
+    compare.png and returns the compare record. A failed run is recorded with its exit reason and the
+    sweep goes on."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    started = time.time()
+    base = evaluate_base(config, log) if config.base_eval_flags is not None else None
+    plan = plan_runs(config.variants, config.seeds, config.output_dir)
+    results: list[RunResult] = []
+    for index, spec in enumerate(plan, 1):
+        prefix = f"[{index}/{len(plan)}] {spec.name}"
+        if run_is_finished(spec.output_dir):
+            log(f"{prefix}: finished before, not redone")
+            results.append(read_run(spec))
+            continue
+        if os.path.isdir(spec.output_dir) and not has_checkpoint(spec.output_dir):
+            # A run that died before its first checkpoint: start it again from nothing.
+            kept_log = read_tail(os.path.join(spec.output_dir, LAUNCH_LOG))
+            shutil.rmtree(spec.output_dir)
+            os.makedirs(spec.output_dir)
+            if kept_log:
+                with open(os.path.join(spec.output_dir, LAUNCH_LOG), "w", encoding="utf-8") as f:
+                    f.write(kept_log)
+        command, env = run_command(spec, config.train_flags, config.launcher, config.model_name_or_path)
+        log(f"{prefix}: {shlex.join(command)}")
+        log_path = os.path.join(spec.output_dir, LAUNCH_LOG)
+        code, seconds = launch(command, env, log_path)
+        if code == 0 and run_is_finished(spec.output_dir):
+            result = read_run(spec, wall_seconds=round(seconds, 1))
+            accuracy = result.final.get(ACCURACY)
+            log(f"{prefix}: ok in {seconds:.0f} s" + (f", final {ACCURACY} {accuracy:.3f}" if accuracy is not None else ""))
+        else:
+            reason = exit_reason(code, read_tail(log_path)) if code != 0 else "exit 0 but no run_summary.json"
+            result = read_run(spec, status="failed", reason=reason, wall_seconds=round(seconds, 1))
+            log(f"{prefix}: FAILED ({reason}); log: {log_path}")
+        with open(os.path.join(spec.output_dir, RUN_STATUS_FILE), "w", encoding="utf-8") as f:
+            json.dump({"status": result.status, "reason": result.reason, "seconds": round(seconds, 1)}, f, indent=2)
+        results.append(result)
+    compare = build_compare(config, results, base, time.time() - started)
+    write_compare(compare, config.output_dir)
+    return compare
+
+
+def build_compare(config: SweepConfig, results: list[RunResult], base: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    names = [v.name for v in config.variants]
+    curves: dict[str, dict[str, Any]] = {}
+    for name in names:
+        ok = [r for r in results if r.variant == name and r.status == "ok"]
+        keys = []
+        for r in ok:
+            keys += [k for k in r.curves if k not in keys]
+        curves[name] = {k: mean_curve([r.curves[k] for r in ok if k in r.curves]) for k in keys}
+    return {
+        "model_name_or_path": config.model_name_or_path,
+        "output_dir": os.path.abspath(config.output_dir),
+        "command": config.command_line,
+        "launcher": config.launcher,
+        "seeds": config.seeds,
+        "train_flags": config.train_flags,
+        "variant_flags": {v.name: list(v.flags) for v in config.variants},
+        "std": "sample standard deviation over seeds (n - 1)",
+        "sweep_seconds_this_session": round(seconds, 1),
+        "base": base,
+        "variants": aggregate(results, names),
+        "curves": curves,
+        "runs": [r.__dict__ for r in results],
+    }
+
+
+def write_compare(compare: dict[str, Any], output_dir: str) -> None:
+    """compare.json and compare.png (the figure is skipped, with a note, when no run has curves)."""
+    from eval_compare_plot import plot_compare
+
+    png = os.path.join(output_dir, COMPARE_PNG)
+    compare["figure"] = plot_compare(compare, png)
+    with open(os.path.join(output_dir, COMPARE_JSON), "w", encoding="utf-8") as f:
+        json.dump(compare, f, indent=2)
