@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], epilog="Other flags go to every run's train_dft.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--seed` or `--output` are train_dft flags (or mistakes), never our options shortened
     )
     parser.add_argument("--model_name_or_path", required=True, help="the starting model of every run (and the base row)")
     parser.add_argument("--output_dir", required=True, help="the sweep's root: one sub-folder per run, compare.json, compare.png")
