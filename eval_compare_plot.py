@@ -10,9 +10,8 @@ import math
 import os
 from typing import Any
 
-from run_plots import PANELS, STATE_FILE, RunCurves, draw_panels
+from run_plots import PANEL_COLUMNS as COLUMNS, PANELS, STATE_FILE, RunCurves, draw_panels
 
-COLUMNS = 3
 
 
 def mean_log_history(histories: list[list[dict]]) -> list[dict]:
