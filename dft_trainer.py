@@ -27,6 +27,7 @@ from transformers import Trainer
 from dft_loss import IGNORE_INDEX, STAT_FIELDS, LossSpec, dft_loss_from_logits, metrics_from_stats
 from dft_loss_chunked import dft_loss_chunked, resolve_loss_impl, unwrap
 from dft_reference import ReferenceModel
+from eval_trainer import generation_only_init, run_generation_eval, run_generation_only_eval
 
 
 def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | None:
@@ -38,10 +39,17 @@ def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | Non
 
 class DFTTrainer(Trainer):
     """Trainer with the DFT loss family. Reads the loss flags (`args.loss_spec()`), `loss_impl` and
-    `loss_chunk_size` from its args."""
+    `loss_chunk_size` from its args.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    `generation_evaluator` (eval_generation.GenerationEvaluator): scored generation at every evaluation,
+    its metrics joining the evaluation's (see eval_trainer.py); without an eval dataset, evaluation is
+    generation only.
+    """
+
+    def __init__(self, *args, generation_evaluator=None, **kwargs):
+        self.generation_evaluator = generation_evaluator
+        with generation_only_init(kwargs.get("args"), generation_evaluator, kwargs.get("eval_dataset")):
+            super().__init__(*args, **kwargs)
         # compute_loss below returns a loss normalised by the step's token count.
         self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = True
@@ -164,7 +172,17 @@ class DFTTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._eval_prefix = metric_key_prefix
         self._stat_sums["eval"] = None
+        if self.generation_evaluator is not None and eval_dataset is None and self.eval_dataset is None:
+            return run_generation_only_eval(self, metric_key_prefix)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.generation_evaluator is not None and description == "Evaluation":
+            # Here, not in evaluate(): the model is prepared (DeepSpeed inference engine) and the metrics
+            # still reach log(), the callbacks and metric_for_best_model with the loss metrics.
+            output.metrics.update(run_generation_eval(self, metric_key_prefix))
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         prefix = self._eval_prefix
