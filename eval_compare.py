@@ -229,6 +229,19 @@ def accuracy_keys(entries: list[dict]) -> list[str]:
     return sorted(keys, key=lambda k: (k != ACCURACY, keys.index(k)))
 
 
+def order_accuracy_keys(keys: list[str], train_flags: list[str]) -> list[str]:
+    """eval_gen_accuracy, then the per-file accuracies in the order of --eval_generation_files, then the rest."""
+    stems: list[str] = []
+    if "--eval_generation_files" in train_flags:
+        for token in train_flags[train_flags.index("--eval_generation_files") + 1:]:
+            if token.startswith("--"):
+                break
+            # The metric name train_dft gives a file (eval_generation.metric_stem): lower-case stem, [a-z0-9_].
+            stems.append(re.sub(r"[^a-z0-9_]+", "_", os.path.basename(token).split(".")[0].lower()).strip("_"))
+    order = [ACCURACY] + [f"eval_gen_{stem}_accuracy" for stem in stems]
+    return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
+
+
 def eval_series(log_history: list[dict], key: str) -> list[list[float]]:
     """[[step, value], ...] of one eval metric, one point per step (a later entry for a step wins)."""
     points: dict[int, float] = {}
@@ -354,10 +367,10 @@ def table_rows(compare: dict[str, Any]) -> list[list[str]]:
         keys += [k for k in row["final"] if k not in keys]
     base = compare.get("base") or {}
     keys += [k for k in base.get("metrics", {}) if k.startswith("eval_gen_") and k.endswith("_accuracy") and k not in keys]
-    acc_keys = sorted([k for k in keys if k.endswith("_accuracy")], key=lambda k: (k != ACCURACY, keys.index(k)))
+    acc_keys = order_accuracy_keys([k for k in keys if k.endswith("_accuracy")], compare.get("train_flags", []))
     header = ["variant", "runs"]
-    for key in acc_keys:
-        header += [f"final {_short(key)}", f"best {_short(key)}"]
+    for key in acc_keys:  # best only for the overall accuracy: the per-file columns show the final value
+        header += [f"final {_short(key)}", f"best {_short(key)}"] if key == ACCURACY else [_short(key)]
     header += [_short(k) for k in FINAL_METRICS] + ["tokens/s", "wall s"]
     rows = [header]
     if base:
@@ -365,7 +378,7 @@ def table_rows(compare: dict[str, Any]) -> list[list[str]]:
         metrics = base.get("metrics", {})
         for key in acc_keys:
             value = metrics.get(key)
-            cells += [f"{value:.3f}" if isinstance(value, (int, float)) else "-", ""]
+            cells += [f"{value:.3f}" if isinstance(value, (int, float)) else "-"] + ([""] if key == ACCURACY else [])
         for key in FINAL_METRICS:
             value = metrics.get(key)
             cells.append(f"{value:.3f}" if isinstance(value, (int, float)) else "-")
@@ -373,7 +386,7 @@ def table_rows(compare: dict[str, Any]) -> list[list[str]]:
     for name, row in variants.items():
         cells = [name, f"{row['ok']}/{row['runs']}"]
         for key in acc_keys:
-            cells += [_pm(row["final"].get(key)), _pm(row["best"].get(key))]
+            cells += [_pm(row["final"].get(key))] + ([_pm(row["best"].get(key))] if key == ACCURACY else [])
         cells += [_pm(row["final"].get(k)) for k in FINAL_METRICS]
         tps = row["tokens_per_second"]
         cells.append(f"{tps['mean']:,.0f}" if tps["mean"] is not None else "-")

@@ -10,6 +10,7 @@ import math
 import os
 from typing import Any
 
+from eval_compare import order_accuracy_keys
 from run_plots import PANEL_COLUMNS as COLUMNS, PANELS, STATE_FILE, RunCurves, draw_panels
 
 
@@ -71,7 +72,7 @@ def plot_compare(compare: dict[str, Any], out_path: str, dpi: int = 100) -> str 
     acc_keys: list[str] = []
     for curves in compare["curves"].values():
         acc_keys += [k for k in curves if k.endswith("_accuracy") and k not in acc_keys]
-    acc_keys = sorted(acc_keys, key=lambda k: (k != "eval_gen_accuracy", acc_keys.index(k)))
+    acc_keys = order_accuracy_keys(acc_keys, compare.get("train_flags", []))
     acc_rows = math.ceil(len(acc_keys) / COLUMNS)
     curve_rows = math.ceil(len(PANELS) / COLUMNS)
     figure = Figure(figsize=(15, 4.2 * (acc_rows + curve_rows)), dpi=dpi, layout="constrained")

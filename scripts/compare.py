@@ -31,7 +31,8 @@ from eval_compare import SweepConfig, SweepError, format_table, parse_variants, 
 # train_dft.py flags that scripts/evaluate.py takes too: the base model is scored with the same evaluation.
 EVAL_FLAGS = (
     "--eval_generation_files", "--eval_data_files", "--eval_answer_match", "--eval_generation_max_new_tokens",
-    "--eval_generation_samples", "--eval_generation_temperature", "--max_length", "--per_device_eval_batch_size",
+    "--eval_generation_samples", "--eval_generation_temperature", "--eval_generation_batch_size",
+    "--eval_generation_max_prompts", "--max_length", "--per_device_eval_batch_size",
     "--torch_dtype", "--attn_implementation", "--trust_remote_code", "--seed",
 )
 OWN_KEYS = ("model_name_or_path", "output_dir", "variants", "seeds", "seed_list", "launcher", "no_base_eval", "train_args")

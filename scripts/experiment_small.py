@@ -224,7 +224,7 @@ def train_flags(preset: Preset, paths: dict[str, str]) -> list[str]:
         "--eval_answer_match", "math",
         "--eval_generation_max_new_tokens", str(preset.max_new_tokens),
         "--max_steps", str(preset.max_steps), "--per_device_train_batch_size", str(preset.batch_size),
-        "--per_device_eval_batch_size", "64", "--learning_rate", str(preset.learning_rate),
+        "--per_device_eval_batch_size", "64", "--eval_generation_batch_size", "64", "--learning_rate", str(preset.learning_rate),
         "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--max_length", "256",
         "--logging_steps", str(max(1, preset.eval_steps // 5)), "--eval_strategy", "steps",
         "--eval_steps", str(preset.eval_steps), "--eval_on_start", "True",
@@ -236,7 +236,7 @@ def base_eval_flags(preset: Preset, paths: dict[str, str]) -> list[str]:
     return [
         "--eval_generation_files", *[paths[name] for name in EVAL_SPLITS], "--eval_answer_match", "math",
         "--eval_generation_max_new_tokens", str(preset.max_new_tokens), "--eval_data_files", paths["eval_conversations"],
-        "--max_length", "256", "--per_device_eval_batch_size", "64",
+        "--max_length", "256", "--per_device_eval_batch_size", "64", "--eval_generation_batch_size", "64",
     ]
 
 
