@@ -423,6 +423,7 @@ class SweepConfig:
     train_flags: list[str]
     launcher: str = "python"
     base_eval_flags: list[str] | None = None  # None: no base-model evaluation
+    parallel: int = 1  # runs launched at once (CPU sweeps of small models; one at a time on GPUs)
     command_line: str = ""
 
 
@@ -447,44 +448,50 @@ def evaluate_base(config: SweepConfig, log: Callable[[str], None]) -> dict[str, 
     return {"status": "ok", "output_dir": base_dir, "metrics": numbers}
 
 
+def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[str], None]) -> RunResult:
+    """One run: skipped when finished, else launched; a failure becomes a RunResult with its exit reason."""
+    if run_is_finished(spec.output_dir):
+        log(f"{prefix}: finished before, not redone")
+        return read_run(spec)
+    if os.path.isdir(spec.output_dir) and not has_checkpoint(spec.output_dir):
+        # A run that died before its first checkpoint: start it again from nothing (keeping its log).
+        kept_log = read_tail(os.path.join(spec.output_dir, LAUNCH_LOG))
+        shutil.rmtree(spec.output_dir)
+        os.makedirs(spec.output_dir)
+        if kept_log:
+            with open(os.path.join(spec.output_dir, LAUNCH_LOG), "w", encoding="utf-8") as f:
+                f.write(kept_log)
+    command, env = run_command(spec, config.train_flags, config.launcher, config.model_name_or_path)
+    log(f"{prefix}: {shlex.join(command)}")
+    log_path = os.path.join(spec.output_dir, LAUNCH_LOG)
+    code, seconds = launch(command, env, log_path)
+    if code == 0 and run_is_finished(spec.output_dir):
+        result = read_run(spec, wall_seconds=round(seconds, 1))
+        accuracy = result.final.get(ACCURACY)
+        log(f"{prefix}: ok in {seconds:.0f} s" + (f", final {ACCURACY} {accuracy:.3f}" if accuracy is not None else ""))
+    else:
+        reason = exit_reason(code, read_tail(log_path)) if code != 0 else "exit 0 but no run_summary.json"
+        result = read_run(spec, status="failed", reason=reason, wall_seconds=round(seconds, 1))
+        log(f"{prefix}: FAILED ({reason}); log: {log_path}")
+    with open(os.path.join(spec.output_dir, RUN_STATUS_FILE), "w", encoding="utf-8") as f:
+        json.dump({"status": result.status, "reason": result.reason, "seconds": round(seconds, 1)}, f, indent=2)
+    return result
+
+
 def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Launches every run that is not finished, one after another, then writes compare.json and
+    """Launches every run that is not finished (`config.parallel` at a time), then writes compare.json and
     compare.png and returns the compare record. A failed run is recorded with its exit reason and the
     sweep goes on."""
+    from concurrent.futures import ThreadPoolExecutor
+
     os.makedirs(config.output_dir, exist_ok=True)
     started = time.time()
     base = evaluate_base(config, log) if config.base_eval_flags is not None else None
     plan = plan_runs(config.variants, config.seeds, config.output_dir)
-    results: list[RunResult] = []
-    for index, spec in enumerate(plan, 1):
-        prefix = f"[{index}/{len(plan)}] {spec.name}"
-        if run_is_finished(spec.output_dir):
-            log(f"{prefix}: finished before, not redone")
-            results.append(read_run(spec))
-            continue
-        if os.path.isdir(spec.output_dir) and not has_checkpoint(spec.output_dir):
-            # A run that died before its first checkpoint: start it again from nothing.
-            kept_log = read_tail(os.path.join(spec.output_dir, LAUNCH_LOG))
-            shutil.rmtree(spec.output_dir)
-            os.makedirs(spec.output_dir)
-            if kept_log:
-                with open(os.path.join(spec.output_dir, LAUNCH_LOG), "w", encoding="utf-8") as f:
-                    f.write(kept_log)
-        command, env = run_command(spec, config.train_flags, config.launcher, config.model_name_or_path)
-        log(f"{prefix}: {shlex.join(command)}")
-        log_path = os.path.join(spec.output_dir, LAUNCH_LOG)
-        code, seconds = launch(command, env, log_path)
-        if code == 0 and run_is_finished(spec.output_dir):
-            result = read_run(spec, wall_seconds=round(seconds, 1))
-            accuracy = result.final.get(ACCURACY)
-            log(f"{prefix}: ok in {seconds:.0f} s" + (f", final {ACCURACY} {accuracy:.3f}" if accuracy is not None else ""))
-        else:
-            reason = exit_reason(code, read_tail(log_path)) if code != 0 else "exit 0 but no run_summary.json"
-            result = read_run(spec, status="failed", reason=reason, wall_seconds=round(seconds, 1))
-            log(f"{prefix}: FAILED ({reason}); log: {log_path}")
-        with open(os.path.join(spec.output_dir, RUN_STATUS_FILE), "w", encoding="utf-8") as f:
-            json.dump({"status": result.status, "reason": result.reason, "seconds": round(seconds, 1)}, f, indent=2)
-        results.append(result)
+    prefixes = [f"[{index}/{len(plan)}] {spec.name}" for index, spec in enumerate(plan, 1)]
+    # Threads only wait on subprocesses; results keep the plan's order.
+    with ThreadPoolExecutor(max_workers=max(1, config.parallel)) as pool:
+        results = list(pool.map(lambda item: execute_run(item[0], config, item[1], log), zip(plan, prefixes)))
     compare = build_compare(config, results, base, time.time() - started)
     write_compare(compare, config.output_dir)
     return compare
@@ -504,6 +511,7 @@ def build_compare(config: SweepConfig, results: list[RunResult], base: dict[str,
         "output_dir": os.path.abspath(config.output_dir),
         "command": config.command_line,
         "launcher": config.launcher,
+        "parallel": config.parallel,
         "seeds": config.seeds,
         "train_flags": config.train_flags,
         "variant_flags": {v.name: list(v.flags) for v in config.variants},

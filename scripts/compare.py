@@ -35,7 +35,9 @@ EVAL_FLAGS = (
     "--eval_generation_max_prompts", "--max_length", "--per_device_eval_batch_size",
     "--torch_dtype", "--attn_implementation", "--trust_remote_code", "--seed",
 )
-OWN_KEYS = ("model_name_or_path", "output_dir", "variants", "seeds", "seed_list", "launcher", "no_base_eval", "train_args")
+OWN_KEYS = (
+    "model_name_or_path", "output_dir", "variants", "seeds", "seed_list", "launcher", "parallel", "no_base_eval", "train_args",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--launcher", default="python",
         help="python (default), train.sh (scripts/train.sh and its environment variables), or a launcher prefix "
         "such as 'torchrun --nproc_per_node 2' or 'deepspeed --num_gpus 8'",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=1,
+        help="runs at once (default 1). 2 on a 2-core CPU with OMP_NUM_THREADS=1 and a tiny model; keep 1 when each "
+        "run uses every GPU. tokens/s is then per run, with the machine shared",
     )
     parser.add_argument("--no_base_eval", action="store_true", help="skip scoring the base model with scripts/evaluate.py")
     return parser
@@ -111,6 +118,8 @@ def parse(argv: list[str]) -> SweepConfig:
         if flag in train_flags:
             raise SweepError(f"{flag} is set by the sweep for each run; use --seeds/--seed_list and the sweep's --output_dir.")
     seeds = args.seed_list if args.seed_list else list(range(args.seeds))
+    if args.parallel < 1:
+        raise SweepError(f"--parallel must be >= 1, got {args.parallel}.")
     if not seeds or len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds/--seed_list: give at least one seed, each once (got {seeds}).")
     variants = parse_variants(args.variants)
@@ -123,6 +132,7 @@ def parse(argv: list[str]) -> SweepConfig:
         seeds=seeds,
         train_flags=train_flags,
         launcher=args.launcher,
+        parallel=args.parallel,
         base_eval_flags=eval_flags if has_eval and not args.no_base_eval else None,
         command_line=shlex.join([sys.argv[0], *argv]),
     )

@@ -5,16 +5,17 @@
     bash scripts/experiment_small.sh                  # the same; also `python scripts/compare.py --preset small`
 
 1. Task data (deterministic, `--data_seed`): word problems about people and things, solved as worked
-   equations ("7 + 5 = 12. 12 - 3 = 9. The answer is 9.").
-   - pre-training corpus: single-operation facts ("What is 14 + 9?") and one-step word problems, with
-     numbers up to 40: this teaches the format, the arithmetic and the words for + and -;
-   - fine-tuning set: two-step problems with small numbers (start and amounts 1-10);
+   equations ("7 + 5 = 12. 12 - 3 = 9. The answer is 9."), every number in 0..20.
+   - pre-training corpus: single-operation facts ("What is 6 + 4?"), one-step word problems and a few
+     (10%) two-step ones: it teaches the format, the arithmetic and the words for + and -;
+   - fine-tuning set: two-step problems, start 1-10, each move 1-6 things;
    - evaluation by generation (`--eval_answer_match math`, the final number):
-     `id` held-out two-step problems (number triples never seen in fine-tuning),
-     `bignum` two-step problems with amounts 11-20 (the base knows these sums, fine-tuning never saw them),
-     `3step` three-step problems (longer chains than fine-tuning), and
-     `retention` single-operation questions the base answered before fine-tuning (the drift that ASFT is
-     meant to prevent); eval_ce_loss / eval_avg_p_correct on held-out two-step conversations.
+     `id` two-step problems whose numbers (start, moves) are held out of fine-tuning and pre-training,
+     `bignum` two-step problems moving 7-10 things (sums the base knows, moves fine-tuning never made),
+     `3step` three-step problems (a longer chain than fine-tuning), and
+     `retention` single-operation questions and one-step problems, what the base could do before
+     fine-tuning (the drift that ASFT is meant to prevent); eval_ce_loss / eval_avg_p_correct on the
+     `id` problems as conversations with their worked answers.
 2. A base model, pre-trained once from scratch (a small Qwen2 config with a BPE tokenizer trained on the
    corpus, scripts/make_tiny_model.py's code) with plain cross-entropy on every token; kept in
    OUTPUT_DIR/base_model and reused by later invocations.
@@ -30,6 +31,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,7 +43,8 @@ NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ines", "Jon
 ITEMS = ["apples", "books", "coins", "shells", "stamps", "marbles", "pens", "cards", "eggs", "stones"]
 ADD_PHRASES = ["buys {n} more", "finds {n} more", "gets {n} more"]
 SUB_PHRASES = ["gives {n} away", "loses {n}", "sells {n}"]
-FACT_LIMIT = 40  # every sum and difference the base sees has operands and results in 0..40
+FACT_LIMIT = 20  # every number the base sees is in 0..20: sums of two numbers up to 10, differences
+TRAIN_AMOUNT = 6  # fine-tuning moves 1..6 things at a time; the `bignum` split moves 7..10
 EVAL_SPLITS = ("id", "bignum", "3step", "retention")
 
 
@@ -68,7 +71,7 @@ class Preset:
 
 
 FULL = Preset(
-    hidden_size=96, num_layers=3, intermediate_size=256, vocab_size=400, pretrain_examples=6000, pretrain_steps=1500,
+    hidden_size=96, num_layers=3, intermediate_size=256, vocab_size=400, pretrain_examples=6000, pretrain_steps=1200,
     pretrain_batch=32, train_examples=2000, eval_examples=48, max_steps=150, eval_steps=50, batch_size=16,
     learning_rate=1e-3, max_new_tokens=48, variants=("sft", "dft", "asft"), seeds=3,
 )
@@ -131,47 +134,55 @@ def generation_record(question: str, final: int) -> dict:
     return {"messages": [{"role": "user", "content": question}], "answer": str(final)}
 
 
+def held_out(numbers: tuple[int, ...]) -> bool:
+    """A fixed fifth of the two-step number combinations is kept for the `id` evaluation: never trained on."""
+    return zlib.crc32(repr(numbers).encode()) % 5 == 0
+
+
 def build_task(preset: Preset, data_seed: int) -> dict[str, list[dict]]:
     """Every split of the task as records (pure, deterministic for a data_seed).
 
-    Two-step problems are split by their numbers: the `id` evaluation problems use (start, moves)
-    combinations that never occur in the fine-tuning set, so a right answer is not a memorised one.
+    Two-step problems are split by their numbers (`held_out`): the `id` evaluation uses (start, moves)
+    combinations that occur neither in fine-tuning nor in pre-training, so a right answer is not a
+    memorised one.
     """
     rng = random.Random(data_seed)
+
+    def two_step(low: int, high: int, keep_held_out: bool) -> tuple[str, str, int]:
+        while True:
+            start = rng.randint(1, 10)
+            moves = random_moves(rng, start, 2, low, high)
+            if held_out((start, *moves)) == keep_held_out:
+                return word_problem(rng, start, moves)
+
     pretrain = []
     for _ in range(preset.pretrain_examples):
-        if rng.random() < 0.5:
+        draw = rng.random()
+        if draw < 0.45:
             question, answer, _ = fact_question(rng)
-        else:
-            start = rng.randint(1, 20)
-            question, answer, _ = word_problem(rng, start, random_moves(rng, start, 1, 1, 20))
+        elif draw < 0.9:
+            start = rng.randint(1, 15)
+            question, answer, _ = word_problem(rng, start, random_moves(rng, start, 1, 1, 5))
+        else:  # a few two-step problems: the base has seen the format, fine-tuning teaches the skill
+            question, answer, _ = two_step(1, TRAIN_AMOUNT, keep_held_out=False)
         pretrain.append(chat(question, answer))
-
-    def two_step(low: int, high: int) -> tuple[tuple[int, ...], str, str, int]:
-        start = rng.randint(low, high)
-        moves = random_moves(rng, start, 2, low, high)
-        return (start, *moves), *word_problem(rng, start, moves)
-
-    train, seen = [], set()
-    for _ in range(preset.train_examples):
-        numbers, question, answer, _ = two_step(1, 10)
-        seen.add(numbers)
-        train.append(chat(question, answer))
+    train = [chat(*two_step(1, TRAIN_AMOUNT, keep_held_out=False)[:2]) for _ in range(preset.train_examples)]
     splits: dict[str, list[dict]] = {"pretrain": pretrain, "train": train, "eval_conversations": []}
     splits.update({name: [] for name in EVAL_SPLITS})
-    while len(splits["id"]) < preset.eval_examples:
-        numbers, question, answer, final = two_step(1, 10)
-        if numbers not in seen:
-            seen.add(numbers)  # no duplicates inside the split either
-            splits["id"].append(generation_record(question, final))
-            splits["eval_conversations"].append(chat(question, answer))
     for _ in range(preset.eval_examples):
-        _, question, _, final = two_step(11, 20)
+        question, answer, final = two_step(1, TRAIN_AMOUNT, keep_held_out=True)
+        splits["id"].append(generation_record(question, final))
+        splits["eval_conversations"].append(chat(question, answer))
+        question, _, final = two_step(TRAIN_AMOUNT + 1, 10, keep_held_out=False)
         splits["bignum"].append(generation_record(question, final))
         start = rng.randint(1, 10)
-        question, _, final = word_problem(rng, start, random_moves(rng, start, 3, 1, 10))
+        question, _, final = word_problem(rng, start, random_moves(rng, start, 3, 1, TRAIN_AMOUNT))
         splits["3step"].append(generation_record(question, final))
-        question, _, final = fact_question(rng)
+        if rng.random() < 0.5:
+            question, _, final = fact_question(rng)
+        else:
+            start = rng.randint(1, 15)
+            question, _, final = word_problem(rng, start, random_moves(rng, start, 1, 1, 5))
         splits["retention"].append(generation_record(question, final))
     return splits
 
@@ -249,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_steps", type=int, default=None, help="fine-tuning steps per run (default 150)")
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the generated task data")
     parser.add_argument("--launcher", default="python", help="as in scripts/compare.py")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (default 2: one per core of a 2-core CPU)")
     args = parser.parse_args(argv)
     preset = SMOKE if args.smoke else FULL
     if args.max_steps:
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         seeds=seeds,
         train_flags=train_flags(preset, paths),
         launcher=args.launcher,
+        parallel=args.parallel,
         base_eval_flags=base_eval_flags(preset, paths),
         command_line=" ".join(["python", "scripts/experiment_small.py", *(argv if argv is not None else sys.argv[1:])]),
     )
