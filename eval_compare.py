@@ -36,6 +36,7 @@ BASE_DIR = "base"
 BASE_RESULTS_FILE = "eval_results.json"
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
+COMPARE_MD = "compare.md"
 
 ACCURACY = "eval_gen_accuracy"
 # Columns of the table after the accuracies: (metric, goal of its "best", format).
@@ -411,6 +412,16 @@ def format_table(compare: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(compare: dict[str, Any]) -> str:
+    """The same table in Markdown (compare.md), failed runs listed below it."""
+    rows = table_rows(compare)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(rows[0]))) + "|"]
+    lines += ["| " + " | ".join(cell or " " for cell in row) + " |" for row in rows[1:]]
+    for name, row in compare["variants"].items():
+        lines += [f"\nFailed: {name} seed {seed}: {reason}" for seed, reason in row["failed"].items()]
+    return "\n".join(lines) + "\n"
+
+
 # ---- the sweep --------------------------------------------------------------------------------------------------
 @dataclass
 class SweepConfig:
@@ -530,5 +541,7 @@ def write_compare(compare: dict[str, Any], output_dir: str) -> None:
 
     png = os.path.join(output_dir, COMPARE_PNG)
     compare["figure"] = plot_compare(compare, png)
+    with open(os.path.join(output_dir, COMPARE_MD), "w", encoding="utf-8") as f:
+        f.write(markdown_table(compare))
     with open(os.path.join(output_dir, COMPARE_JSON), "w", encoding="utf-8") as f:
         json.dump(compare, f, indent=2)
