@@ -27,7 +27,7 @@ THINK_END = "</think>"
 # A number as people write it: sign, currency, thousands separators, decimals, percent, simple fraction.
 _NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+(?:\.\d+)?)?%?|-?\.\d+")
 _CHOICE_STATED = re.compile(r"answer\s*(?:is|:)?\s*:?\s*\(?\**([A-Z])\b\)?", re.IGNORECASE)
-_CHOICE_LEADING = re.compile(r"^\s*\(?([A-Z])(?:[).:]|\s*$|\s)")
+_CHOICE_LEADING = re.compile(r"^\s*\(?([A-Z])(?:[).:]|\s*$)")
 _CHOICE_ANY = re.compile(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])")
 
 
@@ -56,7 +56,7 @@ class AnswerMatcher:
         if extracted is None:
             return False
         if self.kind == "math":
-            return math_equal(extracted, extract_math(reference) or reference)
+            return math_equal(extracted, math_reference(reference))
         if self.kind == "choice":
             return extracted == (extract_choice(reference) or reference.strip().upper())
         if self.kind == "contains":
@@ -112,6 +112,14 @@ def extract_math(text: str) -> str | None:
         return boxed
     numbers = _NUMBER.findall(text)
     return numbers[-1].strip() if numbers else None
+
+
+def math_reference(reference: str) -> str:
+    """The answer in a reference: its last \\boxed{}, the text after GSM8K's `####`, else all of it."""
+    boxed = last_boxed(reference)
+    if boxed is not None:
+        return boxed
+    return reference.rsplit("####", 1)[1].strip() if "####" in reference else reference.strip()
 
 
 def parse_number(text: str) -> float | None:

@@ -38,6 +38,27 @@ def generation_only_init(args, generation_evaluator, eval_dataset):
         args.eval_strategy = strategy
 
 
+def check_compute_metrics(compute_metrics, prediction_loss_only: bool, loss_impl: str) -> None:
+    """A `compute_metrics` (Python API) needs logits that DFTTrainer would otherwise never produce.
+
+    Raises:
+        ValueError: with --prediction_loss_only True (our default: evaluation never gathers logits) it
+            would silently never be called; with --loss_impl chunked no full logits exist at all.
+    """
+    if compute_metrics is None:
+        return
+    if loss_impl == "chunked":
+        raise ValueError(
+            "compute_metrics needs logits, which --loss_impl chunked never materialises; use --loss_impl full, "
+            "or drop compute_metrics (--eval_generation_files scores generations instead)."
+        )
+    if prediction_loss_only:
+        raise ValueError(
+            "compute_metrics is never called with --prediction_loss_only True (the default here: evaluation gathers "
+            "no logits); pass --prediction_loss_only False to gather them, or drop compute_metrics."
+        )
+
+
 def generations_path(output_dir: str, step: int, prefix: str = "eval") -> str:
     name = f"step-{step}.jsonl" if prefix == "eval" else f"step-{step}-{prefix}.jsonl"
     return os.path.join(output_dir, GENERATIONS_DIR, name)
