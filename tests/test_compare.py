@@ -154,7 +154,7 @@ def test_sweep_failed_variant_reported_others_finish_and_resume_skips_finished(t
         "--data_files", data, "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "128",
         "--logging_steps", "1", "--validation_split_percentage", "20", "--eval_strategy", "steps", "--eval_steps", "1",
         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True", "--data_cache_dir", "none",
-        "--no_base_eval",
+        "--no_base_eval", "--parallel", "2",
     ]
     first = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"), *argv], cwd=ROOT,
                            env=child_env(), capture_output=True, text=True, timeout=600)

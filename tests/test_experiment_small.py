@@ -64,5 +64,10 @@ def test_smoke_experiment_runs_the_whole_pipeline(tmp_path):
         # Evaluated at step 0 (--eval_on_start) and at the end.
         assert compare["curves"][variant]["eval_gen_accuracy"]["step"] == [0, experiment_small.SMOKE.max_steps]
         assert (out / f"{variant}-seed0" / "generations").is_dir()
+    # The base row (scripts/evaluate.py) and step 0 of a run (--eval_on_start) score the same model the same way.
+    step0 = json.loads((out / "sft-seed0" / "trainer_state.json").read_text())["log_history"]
+    step0 = next(entry for entry in step0 if entry.get("step") == 0 and "eval_ce_loss" in entry)
+    for key in ("eval_ce_loss", "eval_gen_accuracy", "eval_gen_finished"):
+        assert compare["base"]["metrics"][key] == pytest.approx(step0[key], rel=1e-5)
     assert os.path.getsize(out / "compare.png") > 20_000
     assert "base (before training)" in completed.stdout and "final acc" in completed.stdout
