@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-from eval_compare import order_accuracy_keys
+from eval_compare_results import order_accuracy_keys
 from run_plots import PANEL_COLUMNS as COLUMNS, PANELS, STATE_FILE, RunCurves, draw_panels
 
 

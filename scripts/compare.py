@@ -26,7 +26,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval_compare import SweepConfig, SweepError, format_table, parse_variants, run_sweep  # noqa: E402
+from eval_compare import SweepConfig, SweepError, parse_variants, run_sweep  # noqa: E402
+from eval_compare_results import format_table  # noqa: E402
 
 # train_dft.py flags that scripts/evaluate.py takes too: the base model is scored with the same evaluation.
 EVAL_FLAGS = (

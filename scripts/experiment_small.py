@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from eval_compare import SweepConfig, format_table, parse_variants, run_sweep  # noqa: E402
+from eval_compare import SweepConfig, parse_variants, run_sweep  # noqa: E402
+from eval_compare_results import format_table  # noqa: E402
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ines", "Jon", "Kim", "Leo"]
 ITEMS = ["apples", "books", "coins", "shells", "stamps", "marbles", "pens", "cards", "eggs", "stones"]

@@ -13,8 +13,10 @@ import sys
 import pytest
 
 import eval_compare
+import eval_compare_results
 from dist_helpers import child_env, write_small_data
-from eval_compare import RunResult, SweepError, Variant, aggregate, exit_reason, mean_std, metrics_from_history, parse_variant
+from eval_compare import SweepError, Variant, exit_reason, parse_variant
+from eval_compare_results import RunResult, aggregate, mean_std, metrics_from_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -92,7 +94,7 @@ def test_table_means_and_stds_against_hand_computation():
     dft = table["dft"]  # the failed seed counts as a run but not in the statistics
     assert (dft["runs"], dft["ok"], dft["failed"]) == (2, 1, {"1": "exit 2: error: --foo"})
     assert dft["final"]["eval_gen_accuracy"] == {"mean": 0.4, "std": 0.0, "n": 1}
-    text = eval_compare.format_table({"variants": table, "base": {"status": "ok", "metrics": {"eval_gen_accuracy": 0.1}}})
+    text = eval_compare_results.format_table({"variants": table, "base": {"status": "ok", "metrics": {"eval_gen_accuracy": 0.1}}})
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["variant", "runs", "final", "acc"]
     assert "base (before training)" in lines[2] and "0.100" in lines[2]
