@@ -55,8 +55,7 @@ def variant_curves(compare: dict[str, Any]) -> list[RunCurves]:
                 with open(path, encoding="utf-8") as f:
                     histories.append(json.load(f).get("log_history", []))
         if histories:
-            label = f"{name} (mean of {len(histories)})" if len(histories) > 1 else name
-            runs.append(RunCurves(label=label, log_history=mean_log_history(histories)))
+            runs.append(RunCurves(label=name, log_history=mean_log_history(histories)))
     return runs
 
 
@@ -93,8 +92,7 @@ def plot_compare(compare: dict[str, Any], out_path: str, dpi: int = 100) -> str 
                     continue
                 color = f"C{index % 10}"
                 n = compare["variants"][name]["ok"]
-                ax.plot(curve["step"], curve["mean"], color=color, marker="o", markersize=4, linewidth=1.8,
-                        label=f"{name} (mean of {n})" if n > 1 else name)
+                ax.plot(curve["step"], curve["mean"], color=color, marker="o", markersize=4, linewidth=1.8, label=name)
                 if n > 1:
                     ax.fill_between(curve["step"], curve["min"], curve["max"], color=color, alpha=0.15, linewidth=0)
             if isinstance(base.get(key), (int, float)):
@@ -114,7 +112,10 @@ def plot_compare(compare: dict[str, Any], out_path: str, dpi: int = 100) -> str 
     for ax in list(axes.flat)[len(PANELS):]:
         ax.set_visible(False)
     seeds = compare.get("seeds", [])
-    figure.suptitle(f"{' vs '.join(compare['variants'])}: {len(seeds)} seed(s) each", fontsize=14)
+    figure.suptitle(
+        f"{' vs '.join(compare['variants'])}, {len(seeds)} seed(s) each\n"
+        "every curve is the mean over the seeds that finished; accuracy band: min-max over seeds", fontsize=13,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     figure.savefig(out_path)
     return out_path
