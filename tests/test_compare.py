@@ -178,3 +178,22 @@ def test_sweep_failed_variant_reported_others_finish_and_resume_skips_finished(t
     assert any(line.startswith("[1/2] dft_alpha_7-seed0: FAILED") for line in lines)  # failed runs are retried
     assert summary.stat().st_mtime_ns == finished_at
     assert again["variants"]["dft_alpha=0"]["final"] == record["variants"]["dft_alpha=0"]["final"]
+
+
+def test_train_sh_launch_of_an_sft_variant_parses(tmp_path):
+    """train.sh used to add --dft_alpha 1.0 to every run, which --loss_type sft refuses (exit 2)."""
+    import shlex
+
+    import train_dft
+
+    spec = eval_compare.RunSpec(parse_variant("sft"), 0, str(tmp_path / "sft-seed0"))
+    command, env = eval_compare.run_command(spec, ["--data_files", "a.jsonl"], "train.sh", "assets/tiny-qwen2")
+    printed = subprocess.run(command, cwd=ROOT, env={**child_env(), **env, "DRY_RUN": "1", "NUM_GPUS": "0"},
+                             capture_output=True, text=True, check=True).stdout
+    argv = shlex.split(printed)[2:]  # after `python train_dft.py`
+    assert "--dft_alpha" not in argv
+    training_args = train_dft.parse_args(argv)[2]
+    assert (training_args.loss_type, training_args.dft_alpha) == ("sft", 0.0)
+    printed = subprocess.run(command, cwd=ROOT, env={**child_env(), **env, "DRY_RUN": "1", "NUM_GPUS": "0", "DFT_ALPHA": "0.5"},
+                             capture_output=True, text=True, check=True).stdout
+    assert "--dft_alpha 0.5" in printed
