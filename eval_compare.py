@@ -38,7 +38,6 @@ COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
 COMPARE_MD = "compare.md"
 
-LOSS_TYPES = ("dft", "sft", "asft", "eaft")
 
 
 class SweepError(ValueError):
@@ -59,16 +58,16 @@ class Variant:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name).strip("_")
 
 
-def parse_variant(spec: str, has_loss_type: bool = True) -> Variant:
+def parse_variant(spec: str) -> Variant:
     """`sft`, `asft`, `dft_alpha=0.5`, `asft+anchor_kl_coef=0.05` -> train_dft flags.
 
     A bare word is a loss type (`--loss_type WORD`); `key=value` is `--key value`; `+` joins parts.
-    Without `--loss_type` in this checkout (older train_dft), `sft` and `dft` fall back to
-    `--dft_alpha 0` / `--dft_alpha 1`.
 
     Raises:
-        SweepError: an empty part, an unknown loss type, or a loss type this checkout cannot run.
+        SweepError: an empty part, a malformed FLAG=VALUE or an unknown loss type.
     """
+    from dft_loss import LOSS_TYPES  # the loss types train_dft.py accepts
+
     flags: list[str] = []
     for part in spec.split("+"):
         part = part.strip()
@@ -81,31 +80,17 @@ def parse_variant(spec: str, has_loss_type: bool = True) -> Variant:
                 raise SweepError(f"--variants {spec!r}: {part!r} is not FLAG=VALUE (a train_dft.py flag without the dashes).")
             flags += [f"--{key}", value.strip()]
         elif part in LOSS_TYPES:
-            if has_loss_type:
-                flags += ["--loss_type", part]
-            elif part in ("sft", "dft"):
-                flags += ["--dft_alpha", "0" if part == "sft" else "1"]
-            else:
-                raise SweepError(f"--variants {part}: this checkout's train_dft.py has no --loss_type; only sft, dft and FLAG=VALUE variants work.")
+            flags += ["--loss_type", part]
         else:
             raise SweepError(f"--variants {part!r}: unknown loss type; use one of {', '.join(LOSS_TYPES)} or FLAG=VALUE.")
     return Variant(name=spec, flags=tuple(flags))
 
 
-def train_has_loss_type() -> bool:
-    """Whether this checkout's train_dft.py takes --loss_type (the DFT family of issue 13)."""
-    sys.path.insert(0, ROOT) if ROOT not in sys.path else None
-    from arguments import DFTTrainingArguments
-
-    return "loss_type" in DFTTrainingArguments.__dataclass_fields__
-
-
-def parse_variants(specs: list[str], has_loss_type: bool | None = None) -> list[Variant]:
+def parse_variants(specs: list[str]) -> list[Variant]:
     """Raises SweepError on a bad spec or two variants with the same folder name."""
     if not specs:
         raise SweepError("--variants: give at least one, e.g. `--variants sft dft asft`.")
-    has_loss_type = train_has_loss_type() if has_loss_type is None else has_loss_type
-    variants = [parse_variant(spec, has_loss_type) for spec in specs]
+    variants = [parse_variant(spec) for spec in specs]
     slugs = [v.slug for v in variants]
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
     if duplicates:

@@ -30,16 +30,11 @@ def test_variant_names_map_to_train_flags():
     assert parse_variant("dft_alpha=0.5").flags == ("--dft_alpha", "0.5")
     assert parse_variant("asft+anchor_kl_coef=0.05").flags == ("--loss_type", "asft", "--anchor_kl_coef", "0.05")
     assert parse_variant("dft_alpha=0.5").slug == "dft_alpha_0.5"
-    # A checkout without --loss_type: sft/dft are the two ends of dft_alpha, the others are refused.
-    assert parse_variant("sft", has_loss_type=False).flags == ("--dft_alpha", "0")
-    assert parse_variant("dft", has_loss_type=False).flags == ("--dft_alpha", "1")
-    with pytest.raises(SweepError, match="no --loss_type"):
-        parse_variant("asft", has_loss_type=False)
     for bad in ("sgd", "dft+", "alpha=", "=3"):
         with pytest.raises(SweepError, match="--variants"):
             parse_variant(bad)
     with pytest.raises(SweepError, match="given twice"):
-        eval_compare.parse_variants(["sft", "sft"], has_loss_type=True)
+        eval_compare.parse_variants(["sft", "sft"])
 
 
 def test_mean_and_sample_std_against_hand_computation():
