@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import torch
 
 from dft_loss_chunked import forward_without_head, unwrap
+
+logger = logging.getLogger("dft.reference")
 
 
 def _is_zero3_partitioned(model) -> bool:
@@ -84,6 +87,10 @@ class ReferenceModel:
         engine, *_ = deepspeed.initialize(model=self.frozen, config=config)
         engine.eval()
         self.frozen = engine
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+        full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+        logger.info("anchor reference: frozen copy under DeepSpeed stage %s, elements held on this rank: %d of %d",
+                    config["zero_optimization"]["stage"], held, full)
 
     def _context(self, policy):
         stack = contextlib.ExitStack()

@@ -62,7 +62,7 @@ def reference_terms(logits, labels, spec: LossSpec, ref_logits=None, n_items: fl
             else:
                 kl_t = (log_p.exp() * (log_p - log_q)).sum()
             term = term + spec.anchor_kl_coef * kl_t
-            kl = float(kl_t)
+            kl = float(kl_t.detach())
         total = total + term
         probs = log_p.exp().detach().numpy()
         stats["tokens"] += 1
