@@ -308,10 +308,10 @@ class GenerationEvaluator:
         GenerationFileError: a bad generation file.
     """
 
-    def __init__(self, args: GenerationEvalArguments, tokenizer):
+    def __init__(self, args: GenerationEvalArguments, tokenizer, prompts: list[GenerationPrompt] | None = None):
         self.args = args
         self.tokenizer = tokenizer
-        self.prompts = read_generation_files(args.eval_generation_files, args.eval_generation_max_prompts)
+        self.prompts = prompts if prompts is not None else read_generation_files(args.eval_generation_files, args.eval_generation_max_prompts)
         self.prompt_ids = [self._encode(p) for p in self.prompts]
 
     def _encode(self, prompt: GenerationPrompt) -> list[int]:
