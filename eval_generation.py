@@ -386,9 +386,11 @@ class GenerationEvaluator:
         return metrics, records
 
 
-def is_zero3(accelerator) -> bool:
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
+def is_zero3(accelerator=None) -> bool:
+    """DeepSpeed ZeRO-3 is on: parameters are partitioned, so every forward is a collective."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def write_generations(records: list[dict], path: str) -> str:
