@@ -239,3 +239,11 @@ def test_predict_reports_the_token_weighted_metrics_of_evaluate(tmp_path, tiny_m
     evaluated = trainer.evaluate(dataset)
     for name in ("loss", "ce_loss", "avg_p_correct", "token_accuracy", "perplexity"):
         assert predicted[f"test_{name}"] == pytest.approx(evaluated[f"eval_{name}"], rel=1e-6)
+
+
+def test_bench_generation_reports_tokens_per_second(capsys):
+    result = load_script("bench_generation").main(["--num_prompts", "6", "--batch_sizes", "1", "3", "--max_new_tokens", "6"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result and result["same_outputs_for_every_batch_size"]
+    assert [r["batch_size"] for r in result["runs"]] == [1, 3]
+    assert all(r["prompts"] == 6 and r["generated_tokens"] > 0 and r["tokens_per_cpu_s"] > 0 for r in result["runs"])
