@@ -308,10 +308,10 @@ class GenerationEvaluator:
         GenerationFileError: a bad generation file.
     """
 
-    def __init__(self, args: GenerationEvalArguments, tokenizer):
+    def __init__(self, args: GenerationEvalArguments, tokenizer, prompts: list[GenerationPrompt] | None = None):
         self.args = args
         self.tokenizer = tokenizer
-        self.prompts = read_generation_files(args.eval_generation_files, args.eval_generation_max_prompts)
+        self.prompts = prompts if prompts is not None else read_generation_files(args.eval_generation_files, args.eval_generation_max_prompts)
         self.prompt_ids = [self._encode(p) for p in self.prompts]
 
     def _encode(self, prompt: GenerationPrompt) -> list[int]:
@@ -386,9 +386,11 @@ class GenerationEvaluator:
         return metrics, records
 
 
-def is_zero3(accelerator) -> bool:
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
+def is_zero3(accelerator=None) -> bool:
+    """DeepSpeed ZeRO-3 is on: parameters are partitioned, so every forward is a collective."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def write_generations(records: list[dict], path: str) -> str:

@@ -19,7 +19,7 @@ from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resol
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
 from dft_trainer import DFTTrainer
 from checkpoints import EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, prepare_resume
-from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError
+from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics
 from distributed import log_zero3_partition, prepare_process_group
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
@@ -92,12 +92,14 @@ def run(
     configure_progress_bars(training_args)
     if data_args.packing:
         check_packing(model_args)
+    # A bad generation file stops the run before any data or model work.
+    prompts = read_generation_files(gen_args.eval_generation_files, gen_args.eval_generation_max_prompts) if gen_args.eval_generation_files else None
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
     data_collator = DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id)
-    generation_evaluator = GenerationEvaluator(gen_args, tokenizer) if gen_args.eval_generation_files else None
+    generation_evaluator = GenerationEvaluator(gen_args, tokenizer, prompts) if prompts else None
     if data_args.packing:
         train_dataset, eval_dataset, data_collator, data_summary["packing"] = apply_packing(
             train_dataset, eval_dataset, data_args.max_length, model_args.attn_implementation, tokenizer.pad_token_id,

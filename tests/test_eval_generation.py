@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_dft
 from arguments import DFTTrainingArguments
@@ -29,6 +30,7 @@ RECORD_FIELDS = {"prompt", "reference", "output", "extracted", "correct"}
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -128,8 +130,13 @@ def test_generation_only_evaluation_without_eval_data(tmp_path, tiny_model_dir, 
     assert [e["step"] for e in state["log_history"] if "eval_gen_accuracy" in e] == [2, 4]
     assert not any("eval_loss" in e for e in state["log_history"])
 
-    train_dft.main([*common, "--output_dir", str(tmp_path / "end")])
+    # With --packing (no attention_mask in training batches), the trained model is scored as saved.
+    train_dft.main([*common, "--output_dir", str(tmp_path / "end"), "--packing", "True"])
     assert sorted(p.name for p in (tmp_path / "end" / "generations").iterdir()) == ["step-4.jsonl"]
+    args = GenerationEvalArguments(eval_generation_files=[prompts_file], eval_generation_max_new_tokens=8)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "end")
+    _, direct = GenerationEvaluator(args, AutoTokenizer.from_pretrained(tmp_path / "end")).evaluate(saved)
+    assert [r["output"] for r in read_jsonl(tmp_path / "end" / "generations" / "step-4.jsonl")] == [r["output"] for r in direct]
 
 
 @pytest.mark.parametrize(
@@ -149,7 +156,8 @@ def test_bad_generation_file_exits_2_naming_file_line_field(tmp_path, tiny_model
                         str(tmp_path / "o"), "--eval_generation_files", str(path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {path}{message}")
+    assert err[-1].startswith(f"error: {path}{message}")
+    assert not (tmp_path / "o" / "data_report.json").exists()  # stopped before any data work
 
 
 def test_sampling_flags_are_checked(tmp_path, tiny_model_dir, sample_files, capsys):
@@ -160,13 +168,13 @@ def test_sampling_flags_are_checked(tmp_path, tiny_model_dir, sample_files, caps
     assert "--eval_generation_samples > 1 needs sampling: give --eval_generation_temperature > 0" in capsys.readouterr().err
 
 
-def test_lora_packing_run_and_evaluate_py_score_the_same_model(tmp_path, tiny_model_dir, sample_files, prompts_file, capsys):
-    """A LoRA run with --packing is scored at its end; evaluate.py --adapter on its output gives the same outputs,
+def test_lora_run_and_evaluate_py_score_the_same_model(tmp_path, tiny_model_dir, sample_files, prompts_file, capsys):
+    """A LoRA run is scored at its end; evaluate.py --adapter on its output gives the same outputs,
     and evaluate.py on the base model gives the base model's, with the loss metrics for --eval_data_files."""
     out = tmp_path / "lora"
     train_dft.main([
         "--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(out),
-        "--use_lora", "True", "--lora_r", "4", "--packing", "True", "--max_steps", "6", "--learning_rate", "5e-3",
+        "--use_lora", "True", "--lora_r", "4", "--max_steps", "6", "--learning_rate", "5e-3",
         "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no",
         "--eval_generation_files", prompts_file, QUESTIONS, "--eval_answer_match", "contains", "--eval_generation_max_new_tokens", "12",
     ])
@@ -187,8 +195,6 @@ def test_lora_packing_run_and_evaluate_py_score_the_same_model(tmp_path, tiny_mo
     assert {"eval_loss", "eval_ce_loss", "eval_avg_p_correct", "eval_perplexity", "eval_gen_accuracy"} <= base["metrics"].keys()
     args = GenerationEvalArguments(eval_generation_files=[prompts_file, QUESTIONS], eval_answer_match="contains",
                                    eval_generation_max_new_tokens=12)
-    from transformers import AutoTokenizer
-
     direct = GenerationEvaluator(args, AutoTokenizer.from_pretrained(tiny_model_dir)).evaluate(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     assert [r["output"] for r in read_jsonl(tmp_path / "ev_base" / "generations" / "step-0.jsonl")] == [r["output"] for r in direct[1]]
     assert scored != read_jsonl(tmp_path / "ev_base" / "generations" / "step-0.jsonl")  # the adapter changed the model
@@ -233,3 +239,11 @@ def test_predict_reports_the_token_weighted_metrics_of_evaluate(tmp_path, tiny_m
     evaluated = trainer.evaluate(dataset)
     for name in ("loss", "ce_loss", "avg_p_correct", "token_accuracy", "perplexity"):
         assert predicted[f"test_{name}"] == pytest.approx(evaluated[f"eval_{name}"], rel=1e-6)
+
+
+def test_bench_generation_reports_tokens_per_second(capsys):
+    result = load_script("bench_generation").main(["--num_prompts", "6", "--batch_sizes", "1", "3", "--max_new_tokens", "6"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result and result["same_outputs_for_every_batch_size"]
+    assert [r["batch_size"] for r in result["runs"]] == [1, 3]
+    assert all(r["prompts"] == 6 and r["generated_tokens"] > 0 and r["tokens_per_cpu_s"] > 0 for r in result["runs"])
