@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from dft_loss import check_dft_alpha
+from dft_loss import KL_DIRECTIONS, LOSS_TYPES, LossSpec, check_dft_alpha
 from tracking import normalize_report_to
 
 ATTN_CHOICES = ["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
@@ -107,16 +107,59 @@ class DataArguments:
 class DFTTrainingArguments(TrainingArguments):
     """transformers.TrainingArguments plus the DFT loss settings.
 
-    New fields: dft_alpha, loss_impl, loss_chunk_size, enable_gradient_checkpointing, logging_dir,
+    New fields: loss_type, dft_alpha, dft_min_weight, dft_alpha_warmup_ratio, anchor_kl_coef,
+    anchor_kl_direction, eaft_top_k, eaft_power (the loss, see README "Which loss when"), loss_impl,
+    loss_chunk_size, enable_gradient_checkpointing, logging_dir,
     warmup_ratio (removed from transformers 5, still accepted here), group_by_length (sets
     train_sampling_strategy).
     Changed defaults: prediction_loss_only=True (evaluation never gathers vocabulary-sized logits),
     remove_unused_columns=False (the data pipeline already keeps only what the model takes).
     """
 
+    loss_type: str = field(
+        default="dft",
+        metadata={
+            "help": "dft: w = sg(p) * CE (the paper); sft: plain cross-entropy (same as --dft_alpha 0); asft: DFT "
+            "plus a KL anchor to the starting model (--anchor_kl_coef, --anchor_kl_direction); eaft: w = "
+            "sg(H_topK / ln K) ^ --eaft_power, the entropy of the top --eaft_top_k predictions.",
+            "choices": list(LOSS_TYPES),
+        },
+    )
     dft_alpha: float = field(
-        default=1.0,
-        metadata={"help": "DFT weight mix in [0, 1]: w = sg(alpha * p + 1 - alpha). 1 = DFT (paper), 0 = plain SFT."},
+        default=None,
+        metadata={
+            "help": "Weight mix in [0, 1]: w = sg(alpha * g + 1 - alpha), g = p (dft, asft) or the entropy "
+            "weight (eaft). 1 = the variant as published (default), 0 = plain SFT. Not with --loss_type sft."
+        },
+    )
+    dft_min_weight: float = field(
+        default=0.0,
+        metadata={"help": "Floor on the token weight, in [0, 1): w = max(w, this); keeps gradients of low-p tokens alive. 0 = off."},
+    )
+    dft_alpha_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the training steps, in [0, 1), over which dft_alpha rises linearly from 0 (SFT first, "
+            "then DFT); the logged dft_alpha is the value in force. 0 = off."
+        },
+    )
+    anchor_kl_coef: float = field(
+        default=None,
+        metadata={"help": "lambda of --loss_type asft: loss = sum(w * CE + lambda * KL) / N. Default 0.1 (the ASFT code's)."},
+    )
+    anchor_kl_direction: str = field(
+        default=None,
+        metadata={
+            "help": "asft's KL, full vocabulary: forward = KL(p_ref || p_theta) (the ASFT reference code, default), "
+            "reverse = KL(p_theta || p_ref).",
+            "choices": list(KL_DIRECTIONS),
+        },
+    )
+    eaft_top_k: int = field(
+        default=None, metadata={"help": "K of --loss_type eaft: entropy over the top K predictions, renormalised (default 20)."}
+    )
+    eaft_power: float = field(
+        default=None, metadata={"help": "Exponent of --loss_type eaft's weight (H / ln K) ^ power (default 1)."}
     )
     loss_impl: str = field(
         default="auto",
@@ -162,7 +205,7 @@ class DFTTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        check_dft_alpha(self.dft_alpha)
+        self._check_loss_flags()
         self.report_to = normalize_report_to(self.report_to)
         if self.loss_chunk_size < 1:
             raise ValueError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
@@ -208,6 +251,58 @@ class DFTTrainingArguments(TrainingArguments):
         super().__post_init__()
         # Our loss divides by the supervised tokens of the whole step on all ranks; see dft_trainer.py.
         self.average_tokens_across_devices = True
+
+    def _check_loss_flags(self) -> None:
+        """Fills the loss flags' defaults for --loss_type; raises ValueError naming a conflicting flag."""
+        loss_type = self.loss_type
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}.")
+        if loss_type == "sft":
+            if self.dft_alpha not in (None, 0, 0.0):
+                raise ValueError(f"--loss_type sft is --dft_alpha 0; drop --dft_alpha {self.dft_alpha} or use --loss_type dft.")
+            for flag in ("dft_min_weight", "dft_alpha_warmup_ratio"):
+                if getattr(self, flag):
+                    raise ValueError(f"--{flag} has no effect with --loss_type sft (every weight is 1); drop it or use --loss_type dft.")
+            self.dft_alpha = 0.0
+        elif self.dft_alpha is None:
+            self.dft_alpha = 1.0
+        check_dft_alpha(self.dft_alpha)
+        if not 0.0 <= self.dft_min_weight < 1.0:
+            raise ValueError(f"--dft_min_weight must be in [0, 1), got {self.dft_min_weight}.")
+        if not 0.0 <= self.dft_alpha_warmup_ratio < 1.0:
+            raise ValueError(f"--dft_alpha_warmup_ratio must be in [0, 1), got {self.dft_alpha_warmup_ratio}.")
+        if loss_type != "asft":
+            for flag in ("anchor_kl_coef", "anchor_kl_direction"):
+                if getattr(self, flag) is not None:
+                    raise ValueError(f"--{flag} is used by --loss_type asft only (got --loss_type {loss_type}).")
+        else:
+            self.anchor_kl_coef = 0.1 if self.anchor_kl_coef is None else self.anchor_kl_coef
+            self.anchor_kl_direction = self.anchor_kl_direction or "forward"
+            if self.anchor_kl_coef <= 0:
+                raise ValueError(f"--anchor_kl_coef must be > 0 with --loss_type asft, got {self.anchor_kl_coef} (0 is --loss_type dft).")
+        if loss_type != "eaft":
+            for flag in ("eaft_top_k", "eaft_power"):
+                if getattr(self, flag) is not None:
+                    raise ValueError(f"--{flag} is used by --loss_type eaft only (got --loss_type {loss_type}).")
+        else:
+            self.eaft_top_k = 20 if self.eaft_top_k is None else self.eaft_top_k
+            self.eaft_power = 1.0 if self.eaft_power is None else self.eaft_power
+            if self.eaft_top_k < 2:
+                raise ValueError(f"--eaft_top_k must be >= 2 (the entropy of one prediction is 0), got {self.eaft_top_k}.")
+            if self.eaft_power <= 0:
+                raise ValueError(f"--eaft_power must be > 0, got {self.eaft_power}.")
+
+    def loss_spec(self, dft_alpha: float | None = None) -> LossSpec:
+        """The loss these flags define; `dft_alpha`: the value in force (during --dft_alpha_warmup_ratio)."""
+        return LossSpec(
+            loss_type=self.loss_type,
+            dft_alpha=self.dft_alpha if dft_alpha is None else dft_alpha,
+            min_weight=self.dft_min_weight,
+            anchor_kl_coef=self.anchor_kl_coef or 0.0,
+            anchor_kl_direction=self.anchor_kl_direction or "forward",
+            eaft_top_k=self.eaft_top_k or 20,
+            eaft_power=self.eaft_power or 1.0,
+        )
 
 
 def resolve_torch_dtype(model_args: ModelArguments, training_args: DFTTrainingArguments) -> torch.dtype:

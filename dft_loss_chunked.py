@@ -1,14 +1,15 @@
-"""Memory-efficient DFT loss: the LM head runs in chunks of supervised tokens, never over all logits.
+"""Memory-efficient loss: the LM head runs in chunks of supervised tokens, never over all logits.
 
 `--loss_impl full` builds logits for every position, (B, T, V) in the model dtype plus an fp32 copy of
 the supervised rows and, in backward, the softmax and its gradient of the same size. At 16K tokens and
 a 152K vocabulary that is tens of GiB. Here the model runs without its LM head (`logits_to_keep` set
 to an empty index), the backbone's last hidden state is captured, and `ChunkedDFTFunction` walks the
-supervised positions `chunk_size` at a time. Per chunk, in fp32, it forms the logits once, takes
-the log-sum-exp, CE_t, p_t = exp(-CE_t), the DFT weight, the metric sums and, in the same pass, the
-gradients for the hidden states and the LM-head weight (the softmax is formed in place from the
-chunk's logits: no second one). Only one chunk of logits exists at a time; backward just scales the
-stored gradients by the incoming scalar.
+supervised positions `chunk_size` at a time. Per chunk it forms the fp32 logits once (and, for an
+anchored loss, the reference model's logits for the same rows from its own hidden states and LM head)
+and hands them to `dft_loss.token_terms`, the same definition `--loss_impl full` uses: the objective,
+the metric sums and the gradient with respect to the chunk's logits, formed in place. That gradient is
+turned into the gradients for the hidden states and the LM-head weight at once; only one chunk of
+logits exists at a time, and backward just scales the stored gradients by the incoming scalar.
 
 The numbers are those of `dft_loss.dft_loss_from_logits` (tests compare values, metrics and
 gradients against it and against a float64 reference).
@@ -21,24 +22,26 @@ import inspect
 
 import torch
 
-from dft_loss import IGNORE_INDEX, DFTLossOutput, normaliser, shift_labels
+from dft_loss import IGNORE_INDEX, STAT_FIELDS, DFTLossOutput, LossSpec, as_spec, normaliser, shift_labels, token_terms
 
 DEFAULT_CHUNK_SIZE = 512
 
 
 class ChunkedDFTFunction(torch.autograd.Function):
-    """sum_t w_t * CE_t over rows of `hidden`, with w_t = sg(alpha * p_t + 1 - alpha).
+    """sum_t objective_t over rows of `hidden`, objective_t as `dft_loss.token_terms` defines it.
 
-    forward(hidden (n, H), weight (V, H), bias (V,) | None, targets (n,), alpha, chunk_size, compute_grads,
-            matmul_dtype) -> (loss_sum () fp32, stats (5,) float64 detached)
+    forward(hidden (n, H), weight (V, H), bias (V,) | None, targets (n,), spec, chunk_size, compute_grads,
+            matmul_dtype, reference (ref_hidden (n, H), ref_weight (V, H), ref_bias (V,) | None) | None)
+        -> (loss_sum () fp32, stats (len(STAT_FIELDS),) float64 detached)
 
     `compute_grads` is decided by the caller (grad mode is always off inside forward): evaluation under
     no_grad must not build a (V, H) weight gradient. `matmul_dtype` is the dtype the LM head's matmuls run
-    in (bf16 under --bf16 autocast even for fp32 weights, as the model's own lm_head would).
+    in (bf16 under --bf16 autocast even for fp32 weights, as the model's own lm_head would). The
+    reference is never differentiated.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, dft_alpha, chunk_size, compute_grads, matmul_dtype):
+    def forward(ctx, hidden, weight, bias, targets, spec, chunk_size, compute_grads, matmul_dtype, reference):
         n_tokens = hidden.shape[0]
         # fp32 accumulation for fp32 weights (exact on CPU); low-precision weights accumulate in their
         # own dtype, as their autograd gradient would be, so no (V, H) fp32 copy is added to the peak.
@@ -48,34 +51,35 @@ class ChunkedDFTFunction(torch.autograd.Function):
         bias_mm = bias.to(matmul_dtype) if bias is not None else None
         grad_bias = torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32)) if compute_grads and bias is not None and bias.requires_grad else None
         compute_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 at least
+        if reference is not None:
+            ref_hidden, ref_weight, ref_bias = reference
+            ref_weight_mm = ref_weight.to(matmul_dtype)
+            ref_bias_mm = ref_bias.to(matmul_dtype) if ref_bias is not None else None
         loss_sum = torch.zeros((), dtype=compute_dtype, device=hidden.device)
-        stats = torch.zeros(5, dtype=torch.float64, device=hidden.device)
-        stats[0] = float(n_tokens)
+        stats = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=hidden.device)
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             hidden_chunk = hidden[start:end]  # (c, H)
-            target_chunk = targets[start:end]  # (c,)
             logits = hidden_chunk.to(matmul_dtype) @ weight_mm.t()  # (c, V), as the LM head computes it
             if bias_mm is not None:
                 logits = logits + bias_mm
-            logits = logits.to(compute_dtype)  # (c, V) fp32
-            correct = (logits.argmax(dim=-1) == target_chunk).double().sum()
-            log_normaliser = torch.logsumexp(logits, dim=-1)  # (c,)
-            target_logit = logits.gather(-1, target_chunk.unsqueeze(-1)).squeeze(-1)  # (c,)
-            ce = log_normaliser - target_logit  # (c,)
-            p = torch.exp(-ce)  # (c,)
-            weight_t = dft_alpha * p + (1.0 - dft_alpha)  # (c,) stop-gradient DFT weight
-            loss_sum += (weight_t * ce).sum()
-            stats[1:] += torch.stack([(weight_t * ce).double().sum(), ce.double().sum(), p.double().sum(), correct])
+            ref_logits = None
+            if reference is not None:
+                ref_logits = ref_hidden[start:end].to(matmul_dtype) @ ref_weight_mm.t()  # (c, V)
+                if ref_bias_mm is not None:
+                    ref_logits = ref_logits + ref_bias_mm
+                ref_logits = ref_logits.to(compute_dtype)
+            chunk_loss, chunk_stats, grad_logits = token_terms(
+                logits.to(compute_dtype), targets[start:end], spec, ref_logits, want_grad=compute_grads
+            )
+            loss_sum += chunk_loss
+            stats += chunk_stats
+            del logits, ref_logits
             if not compute_grads:
                 continue
-            # d(w * CE)/d logits = w * (softmax - onehot); the softmax overwrites the logits in place.
-            grad_logits = logits.sub_(log_normaliser.unsqueeze(-1)).exp_()  # (c, V)
-            grad_logits[torch.arange(end - start, device=logits.device), target_chunk] -= 1.0
-            grad_logits.mul_(weight_t.unsqueeze(-1))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
-            grad_logits = grad_logits.to(matmul_dtype)
+            grad_logits = grad_logits.to(matmul_dtype)  # (c, V)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ weight_mm  # (c, H)
             if grad_weight is not None:
@@ -83,7 +87,7 @@ class ChunkedDFTFunction(torch.autograd.Function):
                     grad_weight.addmm_(grad_logits.t(), hidden_chunk.to(matmul_dtype))  # (V, H)
                 else:  # fp32 weights with a 16-bit head: the chunk's product, accumulated in fp32
                     grad_weight += (grad_logits.t() @ hidden_chunk.to(matmul_dtype)).to(grad_weight.dtype)
-            del logits, grad_logits
+            del grad_logits
         ctx.save_for_backward(
             grad_hidden if grad_hidden is not None else torch.empty(0),
             grad_weight if grad_weight is not None else torch.empty(0),
@@ -104,11 +108,7 @@ class ChunkedDFTFunction(torch.autograd.Function):
             grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)) if has_hidden else None,
             grad_weight.mul_(grad_loss.to(grad_weight.dtype)) if has_weight else None,
             (grad_bias * grad_loss).to(ctx.bias_dtype) if has_bias else None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            None, None, None, None, None, None,
         )
 
 
@@ -116,35 +116,49 @@ def dft_loss_from_hidden(
     hidden_states: torch.Tensor,
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
-    dft_alpha: float,
+    spec: LossSpec | float,
     num_items_in_batch: torch.Tensor | int | None = None,
     lm_head_bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     matmul_dtype: torch.dtype | None = None,
+    reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> DFTLossOutput:
-    """Chunked DFT loss from the backbone's last hidden states (pure function).
+    """Chunked loss from the backbone's last hidden states (pure function).
 
     Args:
         hidden_states: (B, T, H) final hidden states (after the final norm), any float dtype.
         lm_head_weight: (V, H) output projection (tied or not).
         labels: (B, T) unshifted labels with IGNORE_INDEX.
-        dft_alpha, num_items_in_batch: as in `dft_loss.dft_loss_from_logits`.
+        spec, num_items_in_batch: as in `dft_loss.dft_loss_from_logits`.
         lm_head_bias: (V,) or None.
-        chunk_size: supervised tokens per chunk; peak extra memory ~ chunk_size x V x 6 bytes.
+        chunk_size: supervised tokens per chunk; peak extra memory ~ chunk_size x V x 6 bytes (x 3 with
+            an anchor: the reference's logits and its softmax).
         matmul_dtype: dtype of the LM-head matmuls (default: the weight's); the loss math is fp32 or wider.
+        reference: (ref_hidden_states (B, T, H), ref_lm_head_weight (V, H), ref_lm_head_bias) of the
+            anchor's reference model for the same positions; needed when spec.anchored.
+
+    Raises:
+        ValueError: chunk_size < 1, or an anchored spec without `reference`.
     """
+    spec = as_spec(spec)
     if chunk_size < 1:
         raise ValueError(f"--loss_chunk_size must be >= 1, got {chunk_size}.")
+    if spec.anchored and reference is None:
+        raise ValueError("--loss_type asft needs the reference model's hidden states")
     targets = shift_labels(labels)  # (B, T)
     mask = targets != IGNORE_INDEX
     selected_hidden = hidden_states[mask]  # (n, H)
     selected_targets = targets[mask]  # (n,)
+    selected_reference = None
+    if spec.anchored:
+        ref_hidden, ref_weight, ref_bias = reference
+        selected_reference = (ref_hidden[mask].detach(), ref_weight.detach(), ref_bias.detach() if ref_bias is not None else None)
     compute_grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (selected_hidden, lm_head_weight, lm_head_bias)
     )
     loss_sum, stats = ChunkedDFTFunction.apply(
-        selected_hidden, lm_head_weight, lm_head_bias, selected_targets, float(dft_alpha), int(chunk_size),
-        compute_grads, matmul_dtype or lm_head_weight.dtype,
+        selected_hidden, lm_head_weight, lm_head_bias, selected_targets, spec, int(chunk_size),
+        compute_grads, matmul_dtype or lm_head_weight.dtype, selected_reference,
     )
     n = normaliser(num_items_in_batch, selected_targets.numel(), hidden_states.device)
     loss = loss_sum / n.to(loss_sum.dtype)
@@ -187,7 +201,7 @@ def chunked_unsupported_reason(model) -> str | None:
 
 def _gathered(*params: torch.Tensor | None):
     """DeepSpeed ZeRO-3 keeps parameters partitioned; gather the LM head (weight and bias) for this micro-batch."""
-    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    partitioned = list({id(p): p for p in params if p is not None and hasattr(p, "ds_id")}.values())
     if partitioned:
         import deepspeed
 
@@ -195,35 +209,52 @@ def _gathered(*params: torch.Tensor | None):
     return contextlib.nullcontext()
 
 
-def dft_loss_chunked(
-    model, inputs: dict, labels: torch.Tensor, dft_alpha: float, num_items_in_batch, chunk_size: int,
-    matmul_dtype: torch.dtype | None = None,
-):
-    """Runs `model` (possibly DDP/DeepSpeed/peft-wrapped) without its LM head and returns
-    (DFTLossOutput, model outputs). The wrapper's own forward is called, so DDP and ZeRO hooks run.
-    `matmul_dtype`: the autocast dtype under --bf16/--fp16 (autocast wraps only the model's forward).
-    """
-    unwrapped = model
-    while hasattr(unwrapped, "module"):  # DDP / DeepSpeed engine
-        unwrapped = unwrapped.module
-    backbone = unwrapped.get_decoder()
-    head = unwrapped.get_output_embeddings()
+def unwrap(model):
+    """The module under DDP / DeepSpeed engine wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def forward_without_head(model, inputs: dict):
+    """Calls `model` (the wrapper's own forward, so DDP and ZeRO hooks run) with no logits and returns
+    (outputs, last hidden state (B, T, H), LM head module)."""
+    unwrapped = unwrap(model)
     captured: dict[str, torch.Tensor] = {}
 
     def keep_last_hidden_state(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    handle = backbone.register_forward_hook(keep_last_hidden_state)
+    handle = unwrapped.get_decoder().register_forward_hook(keep_last_hidden_state)
     try:
-        no_positions = torch.empty(0, dtype=torch.long, device=labels.device)
+        no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         outputs = model(**inputs, use_cache=False, logits_to_keep=no_positions)
     finally:
         handle.remove()
-    hidden = captured["hidden"]  # (B, T, H)
-    weight = head.weight
-    bias = getattr(head, "bias", None)
-    with _gathered(weight, bias):
-        result = dft_loss_from_hidden(hidden, weight, labels, dft_alpha, num_items_in_batch, bias, chunk_size, matmul_dtype)
+    return outputs, captured["hidden"], unwrapped.get_output_embeddings()
+
+
+def dft_loss_chunked(
+    model, inputs: dict, labels: torch.Tensor, spec: LossSpec | float, num_items_in_batch, chunk_size: int,
+    matmul_dtype: torch.dtype | None = None, reference=None,
+):
+    """Runs `model` (possibly DDP/DeepSpeed/peft-wrapped) without its LM head and returns
+    (DFTLossOutput, model outputs). The wrapper's own forward is called, so DDP and ZeRO hooks run.
+    `matmul_dtype`: the autocast dtype under --bf16/--fp16 (autocast wraps only the model's forward).
+    `reference`: a `dft_reference.ReferenceModel` (anchored specs); it runs first, without its head too.
+    """
+    spec = as_spec(spec)
+    ref_hidden = ref_head = None
+    if spec.anchored:
+        ref_hidden, ref_head = reference.hidden_and_head(unwrap(model), inputs)  # (B, T, H), no graph
+    outputs, hidden, head = forward_without_head(model, inputs)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    ref_weight, ref_bias = (ref_head.weight, getattr(ref_head, "bias", None)) if ref_head is not None else (None, None)
+    with _gathered(weight, bias, ref_weight, ref_bias):
+        ref = (ref_hidden, ref_weight, ref_bias) if ref_head is not None else None
+        result = dft_loss_from_hidden(
+            hidden, weight, labels, spec, num_items_in_batch, bias, chunk_size, matmul_dtype, reference=ref
+        )
     return result, outputs
 
 
@@ -249,5 +280,8 @@ def resolve_loss_impl(requested: str, model, n_gpu: int = 1, fp16: bool = False)
         return "full"
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
     large = vocab_size >= 32_000 or torch.cuda.is_available()
-    native = type(getattr(model, "base_model", model)).__module__.startswith(("transformers.", "peft."))
+    # Under peft the class to judge is the wrapped model's, not peft's own (a remote-code model wrapped in
+    # a PeftModel must still count as remote code).
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    native = type(inner).__module__.startswith("transformers.")
     return "chunked" if large and reason is None and native else "full"

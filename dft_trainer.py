@@ -8,8 +8,12 @@ is multiplied by world_size to end with exactly sum_all(w_t * dCE_t) / N, as Tra
 losses (`average_tokens_across_devices`). The loss is already normalised for gradient accumulation,
 so Trainer must not divide it by the number of accumulation steps (`loss_is_scaled_for_ga`).
 
-Metrics. Each micro-batch adds detached sums (tokens, DFT loss, CE, p, correct) to a per-mode vector;
-`log()` reduces the vector over ranks once, divides once and clears it. Never an average of averages.
+Loss family. `args.loss_spec()` says which loss (dft, sft, asft, eaft; dft_loss.py defines them); an
+anchored loss (asft) also runs the reference model (dft_reference.py) on the same inputs first.
+
+Metrics. Each micro-batch adds detached sums (tokens, loss, CE, p, correct, entropy, low-p tokens,
+anchor KL) to a per-mode vector; `log()` reduces the vector over ranks once, divides once and clears
+it. Never an average of averages: the logged `loss` too is token-weighted over the logging window.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from dft_loss import IGNORE_INDEX, STAT_FIELDS, dft_loss_from_logits, metrics_from_stats
-from dft_loss_chunked import dft_loss_chunked, resolve_loss_impl
+from dft_loss import IGNORE_INDEX, STAT_FIELDS, LossSpec, dft_loss_from_logits, metrics_from_stats
+from dft_loss_chunked import dft_loss_chunked, resolve_loss_impl, unwrap
+from dft_reference import ReferenceModel
 
 
 def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | None:
@@ -32,7 +37,8 @@ def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | Non
 
 
 class DFTTrainer(Trainer):
-    """Trainer with the DFT loss. Reads `dft_alpha`, `loss_impl` and `loss_chunk_size` from its args."""
+    """Trainer with the DFT loss family. Reads the loss flags (`args.loss_spec()`), `loss_impl` and
+    `loss_chunk_size` from its args."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -48,6 +54,21 @@ class DFTTrainer(Trainer):
         )
         # Autocast wraps only the model's forward; the chunked LM head runs in the same 16-bit dtype.
         self._head_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        self.reference: ReferenceModel | None = None
+        if self.args.loss_spec().anchored:  # the starting weights, before any step or resumed checkpoint
+            from transformers.integrations.deepspeed import deepspeed_config
+
+            self.reference = ReferenceModel.for_model(self.model, deepspeed_config(), autocast=self.accelerator.autocast)
+        self.dft_alpha_in_force = float(self.args.dft_alpha)
+
+    def current_loss_spec(self) -> LossSpec:
+        """The loss of the step about to run: dft_alpha rises linearly from 0 over the first
+        --dft_alpha_warmup_ratio of the steps (global_step counts the steps already taken)."""
+        alpha = float(self.args.dft_alpha)
+        ratio = self.args.dft_alpha_warmup_ratio
+        if ratio > 0 and self.state.max_steps > 0:
+            alpha *= min(1.0, self.state.global_step / (ratio * self.state.max_steps))
+        return self.args.loss_spec(dft_alpha=alpha)
 
     # ---- loss -----------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -84,14 +105,20 @@ class DFTTrainer(Trainer):
         step_tokens = num_items_in_batch if training else None
         if not training:
             labels = self._mask_eval_padding_duplicates(labels)
+        spec = self.current_loss_spec()
+        if training:
+            self.dft_alpha_in_force = spec.dft_alpha
+        if self.reference is not None:
+            self.reference.prepare(self.accelerator)  # once; needs the trainer's finished DeepSpeed config
         if self.loss_impl == "chunked":
             result, outputs = dft_loss_chunked(
-                model, inputs, labels, self.args.dft_alpha, step_tokens, chunk_size=self.args.loss_chunk_size,
-                matmul_dtype=self._head_dtype,
+                model, inputs, labels, spec, step_tokens, chunk_size=self.args.loss_chunk_size,
+                matmul_dtype=self._head_dtype, reference=self.reference,
             )
         else:
+            ref_logits = self.reference.logits(unwrap(model), inputs) if spec.anchored else None  # (B, T, V)
             outputs = model(**inputs, use_cache=False)
-            result = dft_loss_from_logits(outputs.logits, labels, self.args.dft_alpha, step_tokens)
+            result = dft_loss_from_logits(outputs.logits, labels, spec, step_tokens, ref_logits=ref_logits)
         loss = result.loss
         if training and num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP / ZeRO average gradients over ranks; undo that average (see module docstring).
@@ -141,18 +168,19 @@ class DFTTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         prefix = self._eval_prefix
+        anchored = self.reference is not None
         if "loss" in logs:  # a training logging step
-            metrics = metrics_from_stats(self._reduce_stats("train"))
-            metrics.pop("dft_loss", None)  # `loss` already is the DFT loss
+            metrics = metrics_from_stats(self._reduce_stats("train"), anchored=anchored)
+            if metrics:
+                # Token-weighted over the window (Trainer's is a mean of per-step losses).
+                logs["loss"] = metrics.pop("dft_loss")
             logs.update(metrics)
-            logs["dft_alpha"] = float(self.args.dft_alpha)
+            logs["dft_alpha"] = float(self.dft_alpha_in_force)
         elif f"{prefix}_loss" in logs:  # the end of an evaluation
-            metrics = metrics_from_stats(self._reduce_stats("eval"))
+            metrics = metrics_from_stats(self._reduce_stats("eval"), prefix=f"{prefix}_", anchored=anchored)
             if metrics:
                 # Token-weighted over the whole eval set, not a mean of per-batch means.
-                logs[f"{prefix}_loss"] = metrics["dft_loss"]
-                logs[f"{prefix}_ce_loss"] = metrics["ce_loss"]
-                logs[f"{prefix}_avg_p_correct"] = metrics["avg_p_correct"]
-                logs[f"{prefix}_token_accuracy"] = metrics["token_accuracy"]
-                logs[f"{prefix}_perplexity"] = math.exp(min(metrics["ce_loss"], 700.0))
+                logs[f"{prefix}_loss"] = metrics.pop(f"{prefix}_dft_loss")
+                logs.update(metrics)
+                logs[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_ce_loss"], 700.0))
         super().log(logs, start_time)

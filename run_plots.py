@@ -31,7 +31,11 @@ PANELS = (
     ("token accuracy", "token_accuracy", "eval_token_accuracy", "accuracy"),
     ("gradient norm", "grad_norm", None, "L2 norm"),
     ("learning rate", "learning_rate", None, "learning rate"),
+    ("predictive entropy (supervised tokens)", "entropy", "eval_entropy", "nats / token"),
+    ("share of tokens with p < 0.1", "low_p_share", "eval_low_p_share", "share"),
+    ("anchor KL to the starting model (asft)", "anchor_kl", "eval_anchor_kl", "nats / token"),
 )
+PANEL_COLUMNS = 3
 
 
 def _series(log_history: list[dict], key: str, need_train_entry: bool) -> tuple[list[float], list[float]]:
@@ -47,14 +51,15 @@ def _series(log_history: list[dict], key: str, need_train_entry: bool) -> tuple[
 
 
 def plot_runs(runs: list[RunCurves], out_path: str, title: str, dpi: int = 100) -> str:
-    """Draws every run's curves on one 2x3 figure (train: lines; eval: dashed with markers). Headless."""
+    """Draws every run's curves on one figure, 3 panels a row (train: lines; eval: dashed with markers). Headless."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(15, 8.4), dpi=dpi, layout="constrained")  # 1500 x 840 px at dpi 100
+    rows = math.ceil(len(PANELS) / PANEL_COLUMNS)
+    figure = Figure(figsize=(15, 4.2 * rows), dpi=dpi, layout="constrained")  # 1500 x 420 px a row at dpi 100
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 3)
+    axes = figure.subplots(rows, PANEL_COLUMNS)
     colors = [f"C{i}" for i in range(10)]
     for ax, (panel_title, train_key, eval_key, ylabel) in zip(axes.flat, PANELS):
         drawn = False
@@ -88,8 +93,12 @@ def plot_runs(runs: list[RunCurves], out_path: str, title: str, dpi: int = 100) 
     return out_path
 
 
-def run_label(name: str, dft_alpha: Any) -> str:
-    return f"{name} (dft_alpha={dft_alpha:g})" if isinstance(dft_alpha, (int, float)) else name
+def run_label(name: str, dft_alpha: Any, loss_type: str | None = None) -> str:
+    """`name (dft_alpha=1)`, with the loss type first when it is not plain dft: `name (asft, dft_alpha=1)`."""
+    parts = [loss_type] if loss_type and loss_type != "dft" else []
+    if isinstance(dft_alpha, (int, float)):
+        parts.append(f"dft_alpha={dft_alpha:g}")
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def find_trainer_state(run_dir: str) -> str | None:
@@ -116,13 +125,14 @@ def load_run_curves(run_dir: str) -> RunCurves:
         raise FileNotFoundError(f"{run_dir}: no {STATE_FILE} here or in a checkpoint-N/ folder; is it a training output_dir?")
     with open(state_path, encoding="utf-8") as f:
         log_history = json.load(f).get("log_history", [])
-    name, dft_alpha = os.path.basename(os.path.normpath(run_dir)), None
+    name, dft_alpha, loss_type = os.path.basename(os.path.normpath(run_dir)), None, None
     config_path = os.path.join(run_dir, RUN_CONFIG_FILE)
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
         name = config.get("run_name") or name
         dft_alpha = config.get("arguments", {}).get("training", {}).get("dft_alpha")
+        loss_type = config.get("arguments", {}).get("training", {}).get("loss_type")
     if dft_alpha is None:
         dft_alpha = next((entry["dft_alpha"] for entry in log_history if "dft_alpha" in entry), None)
-    return RunCurves(label=run_label(name, dft_alpha), log_history=log_history)
+    return RunCurves(label=run_label(name, dft_alpha, loss_type), log_history=log_history)

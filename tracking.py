@@ -4,7 +4,8 @@ A run leaves in OUTPUT_DIR:
     run_config.json      every argument, git commit, library versions, hardware, data totals (written
                          before training, so a crashed run still says what it was)
     trainer_state.json   the final log history (transformers' format; `scripts/plot_run.py` reads it)
-    training_curves.png  loss, ce_loss, avg_p_correct, token_accuracy, grad_norm, learning_rate, eval
+    training_curves.png  loss, ce_loss, avg_p_correct, token_accuracy, grad_norm, learning_rate, entropy,
+                         low_p_share, anchor_kl (asft), eval
                          (drawn by run_plots.py, which scripts/plot_run.py also uses)
     run_summary.json     wall time, steps, tokens, tokens/s, peak memory, final/best metrics, model path
 
@@ -48,7 +49,10 @@ LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "accelerate", "pe
 DEFAULT_PROJECT = "dft-trainer"
 RUN_CONFIG_FILE = "run_config.json"
 RUN_SUMMARY_FILE = "run_summary.json"
-TRAIN_METRICS = ("loss", "ce_loss", "avg_p_correct", "token_accuracy", "grad_norm", "learning_rate", "dft_alpha")
+TRAIN_METRICS = (
+    "loss", "ce_loss", "avg_p_correct", "token_accuracy", "entropy", "low_p_share", "anchor_kl", "grad_norm",
+    "learning_rate", "dft_alpha",
+)
 # Which way is better for each eval metric (for "best eval metrics").
 EVAL_GOALS = {
     "eval_loss": min,
@@ -510,7 +514,7 @@ class RunRecorder:
         if trainer.is_world_process_zero():
             output_dir = trainer.args.output_dir
             dft_alpha = trainer.args.dft_alpha
-            curves = RunCurves(run_label(self.run_config["run_name"], dft_alpha), trainer.state.log_history)
+            curves = RunCurves(run_label(self.run_config["run_name"], dft_alpha, trainer.args.loss_type), trainer.state.log_history)
             summary["training_curves"] = plot_runs([curves], os.path.join(output_dir, CURVES_FILE), f"{curves.label}: training curves")
             write_json(os.path.join(output_dir, RUN_SUMMARY_FILE), summary)
             for line in summary_lines(summary):

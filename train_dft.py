@@ -116,7 +116,7 @@ def run(
     )
     use_logging_for_metrics(trainer)
     stop = add_checkpoint_callbacks(trainer)
-    logger.info("DFT loss: dft_alpha=%s, loss_impl=%s", training_args.dft_alpha, trainer.loss_impl)
+    logger.info("loss: %s, loss_impl=%s", training_args.loss_spec(), trainer.loss_impl)
     run_config = build_run_config(model_args, data_args, training_args, data_summary, train_dataset, eval_dataset)
     recorder = RunRecorder.start(trainer, run_config, started)
     train_output = trainer.train(resume_from_checkpoint=prepare_resume(training_args))

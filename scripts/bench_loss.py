@@ -1,18 +1,20 @@
-"""Peak memory and time of the DFT loss step alone (forward + backward): full vs chunked.
+"""Peak memory and time of the loss step alone (forward + backward): full vs chunked, per loss type.
 
     python scripts/bench_loss.py                         # CPU: small shapes, one subprocess per case
     python scripts/bench_loss.py --seq_lens 2048 8192 16384 32768 --vocabs 32000 151936 --hidden 1536  # GPU
-    python scripts/bench_loss.py --out bench_loss.json
+    python scripts/bench_loss.py --loss_types dft asft eaft --out bench_loss.json
 
 One case = hidden states (T, H) from a "backbone" (a leaf that requires grad), an LM-head weight
-(V, H), labels with ~90% of positions supervised; the step is loss + backward. Three variants run on
-identical inputs:
-  - none:    the same step with the loss removed (sum of the hidden states): the memory floor
-  - full:    logits for every position, then `dft_loss_from_logits` (`--loss_impl full`)
-  - chunked: `dft_loss_from_hidden` (`--loss_impl chunked`)
-Reported: peak memory above the inputs (GPU: torch.cuda.max_memory_allocated; CPU: the peak RSS of a
-fresh subprocess minus that of the `none` case), median time over --repeats, and for full/chunked the
-ratio to the `none` case and the loss agreement. Prints one JSON document.
+(V, H), labels with ~90% of positions supervised, and the anchor's reference hidden states and LM
+head (no grad); the step is loss + backward. The variants run on identical inputs:
+  - none:          the same step with the loss removed (sum of the hidden states): the memory floor
+  - full[_TYPE]:   logits for every position (and the reference's for asft), then `dft_loss_from_logits`
+  - chunked[_TYPE]: `dft_loss_from_hidden` (`--loss_impl chunked`), the reference's logits chunk by chunk
+TYPE is each of --loss_types but dft (plain `full` / `chunked`). Reported: peak memory above the
+inputs (GPU: torch.cuda.max_memory_allocated; CPU: the peak RSS of a fresh subprocess minus that of
+the `none` case), median time over --repeats, the ratio to the `none` case, the chunked/full loss
+agreement, and for every other type its extra memory and time over dft on the same path. Prints one
+JSON document.
 """
 
 from __future__ import annotations
@@ -30,10 +32,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dft_loss import dft_loss_from_logits  # noqa: E402
+from dft_loss import LossSpec, dft_loss_from_logits  # noqa: E402
 from dft_loss_chunked import dft_loss_from_hidden  # noqa: E402
 
-VARIANTS = ("none", "full", "chunked")
+SPECS = {"dft": LossSpec(), "asft": LossSpec(loss_type="asft", anchor_kl_coef=0.1), "eaft": LossSpec(loss_type="eaft")}
+
+
+def variants(loss_types: list[str]) -> list[str]:
+    names = ["none"]
+    for loss_type in loss_types:
+        suffix = "" if loss_type == "dft" else f"_{loss_type}"
+        names += [f"full{suffix}", f"chunked{suffix}"]
+    return names
 
 
 def make_inputs(seq_len: int, vocab: int, hidden: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -42,17 +52,25 @@ def make_inputs(seq_len: int, vocab: int, hidden: int, dtype: torch.dtype, devic
     weight = (torch.randn(vocab, hidden, generator=generator) * hidden**-0.5).to(device, dtype).requires_grad_(True)
     labels = torch.randint(0, vocab, (1, seq_len), generator=generator)
     labels[torch.rand(1, seq_len, generator=generator) < 0.1] = -100
-    return hidden_states, weight, labels.to(device)
+    # The reference model's last hidden states and LM head: near the policy's, never differentiated.
+    ref_hidden = (hidden_states.detach() + 0.05 * torch.randn(1, seq_len, hidden, generator=generator).to(device, dtype))
+    ref_weight = weight.detach().clone()
+    return hidden_states, weight, labels.to(device), ref_hidden, ref_weight
 
 
-def step(variant: str, hidden_states, weight, labels, chunk_size: int) -> float:
+def step(variant: str, hidden_states, weight, labels, ref_hidden, ref_weight, chunk_size: int) -> float:
+    path, _, loss_type = variant.partition("_")
+    spec = SPECS[loss_type or "dft"]
     if variant == "none":
         loss = hidden_states.float().sum() * 0.0
-    elif variant == "full":
+    elif path == "full":
         logits = hidden_states @ weight.t()  # (1, T, V) in the model dtype, as an LM head makes it
-        loss = dft_loss_from_logits(logits, labels, 1.0).loss
+        with torch.no_grad():
+            ref_logits = ref_hidden @ ref_weight.t() if spec.anchored else None  # the reference model's output
+        loss = dft_loss_from_logits(logits, labels, spec, ref_logits=ref_logits).loss
     else:
-        loss = dft_loss_from_hidden(hidden_states, weight, labels, 1.0, chunk_size=chunk_size).loss
+        reference = (ref_hidden, ref_weight, None) if spec.anchored else None
+        loss = dft_loss_from_hidden(hidden_states, weight, labels, spec, chunk_size=chunk_size, reference=reference).loss
     loss.backward()
     value = loss.item()
     hidden_states.grad = None
@@ -92,6 +110,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: CPU float32, GPU bfloat16).")
     parser.add_argument("--chunk_size", type=int, default=512, help="--loss_chunk_size for the chunked variant.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repetitions per case (median reported).")
+    parser.add_argument("--loss_types", nargs="+", default=["dft"], choices=sorted(SPECS), help="Loss types to run (dft always first).")
     parser.add_argument("--out", default=None, help="Also write the JSON here.")
     parser.add_argument("--_case", nargs=6, help=argparse.SUPPRESS)  # internal: run one CPU case in this process
     args = parser.parse_args()
@@ -107,11 +126,12 @@ def main() -> None:
     vocabs = args.vocabs or ([32000, 151936] if gpu else [32000])
     hidden = args.hidden or (1536 if gpu else 128)
     dtype_name = args.dtype or ("bfloat16" if gpu else "float32")
+    loss_types = ["dft"] + [t for t in args.loss_types if t != "dft"]
     rows = []
     for vocab in vocabs:
         for seq_len in seq_lens:
             case = {}
-            for variant in VARIANTS:
+            for variant in variants(loss_types):
                 if gpu:
                     try:
                         case[variant] = run_case(variant, seq_len, vocab, hidden, dtype_name, device, args.chunk_size, args.repeats)
@@ -124,12 +144,17 @@ def main() -> None:
                     case[variant] = json.loads(output.strip().splitlines()[-1])
             memory_key = "peak_gib" if gpu else "peak_rss_gib"
             floor = case["none"].get(memory_key)
-            for variant in ("full", "chunked"):
+            for variant in variants(loss_types)[1:]:
                 entry = case[variant]
                 if entry.get("oom") or floor is None:
                     continue
                 entry["extra_memory_gib_vs_no_loss"] = entry[memory_key] - floor
                 entry["time_vs_no_loss"] = entry["median_s"] / max(case["none"]["median_s"], 1e-9)
+                path, _, loss_type = variant.partition("_")
+                dft = case[path]
+                if loss_type and not dft.get("oom"):  # what this loss type costs over DFT on the same path
+                    entry["extra_memory_gib_vs_dft"] = entry[memory_key] - dft[memory_key]
+                    entry["time_vs_dft"] = entry["median_s"] / max(dft["median_s"], 1e-9)
             if not case["full"].get("oom") and not case["chunked"].get("oom"):
                 case["chunked"]["loss_rel_diff_vs_full"] = abs(case["chunked"]["loss"] - case["full"]["loss"]) / abs(case["full"]["loss"])
                 case["chunked"]["memory_ratio_vs_full"] = (

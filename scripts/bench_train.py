@@ -6,6 +6,9 @@
         --gradient_checkpointing --configs batch1 padded packed packed_flex                   # GPU
     # fixed 8K rows, batch 1, beside TRL's SFTTrainer(loss_type="dft") with and without Liger (issue 6)
     python scripts/bench_train.py --model qwen2.5-1.5b --mode fixed --max_length 8192 --gradient_checkpointing --compare_trl
+    # the loss family side by side (each loss type x each loss impl; the anchor's reference model included)
+    python scripts/bench_train.py --model tiny-32k --mode fixed --max_length 1024 --steps 4 --warmup 1 \
+        --loss_types dft asft eaft --loss_impls full chunked                                    # CPU
 
 Random tokens, no downloads, one optimizer step per batch (no accumulation). Each configuration
 runs in its own process so that peak memory is its own; the parent prints one JSON object per line
@@ -39,6 +42,8 @@ sys.path.insert(0, ROOT)
 SHAPES = {
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny-32k": dict(vocab_size=32000, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -71,6 +76,11 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="Untimed optimizer steps before them.")
     parser.add_argument("--attn", default="sdpa", help="Attention implementation (packed_flex uses flex_attention).")
     parser.add_argument("--loss_impl", default="auto", choices=["auto", "full", "chunked"], help="DFT loss implementation.")
+    parser.add_argument("--loss_impls", nargs="+", default=None, choices=["auto", "full", "chunked"],
+                        help="Run every configuration with each of these loss implementations (overrides --loss_impl).")
+    parser.add_argument("--loss_type", default="dft", choices=["dft", "sft", "asft", "eaft"], help="--loss_type of DFTTrainer.")
+    parser.add_argument("--loss_types", nargs="+", default=None, choices=["dft", "sft", "asft", "eaft"],
+                        help="Run every configuration with each of these loss types (overrides --loss_type).")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
     parser.add_argument("--no_bf16", action="store_true", help="fp32 on GPU too (bf16 is the GPU default; CPU is fp32).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Peak FLOP/s of the device in TFLOP/s, for MFU.")
@@ -212,6 +222,7 @@ def run_one(args, config_name: str) -> dict:
     return {
         "config": config_name, "mode": args.mode, "model": args.model, "max_length": args.max_length,
         "attn": attn, "loss_impl": getattr(trainer, "loss_impl", "trl"), "bf16": bf16,
+        "loss_type": "trl_dft" if config_name.startswith("trl") else args.loss_type,
         "gradient_checkpointing": args.gradient_checkpointing, "timed_steps": timed,
         "step_s": round(seconds / timed, 4), "real_tokens_per_s": round(real / seconds, 1),
         "padding_fraction": round(1 - real / fed, 4) if fed else None,
@@ -251,7 +262,7 @@ def build_dft_trainer(args, config_name, model, common, steps, clock, attn):
             batch_size = args.padded_batch_size if config_name.startswith("padded") else 1
     counter = CountingCollator(collator)
     training_args = DFTTrainingArguments(
-        **common, per_device_train_batch_size=batch_size, loss_impl=args.loss_impl,
+        **common, per_device_train_batch_size=batch_size, loss_impl=args.loss_impl, loss_type=args.loss_type,
         enable_gradient_checkpointing=args.gradient_checkpointing, group_by_length=config_name == "padded_grouped",
     )
     trainer = DFTTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=counter, callbacks=[clock])
@@ -320,17 +331,24 @@ def main(argv=None) -> list[dict]:
         summary = {"data": data_summary(args)}
         print("RESULT " + json.dumps(summary), flush=True)
         results.append(summary)
+    loss_types = args.loss_types or [args.loss_type]
+    loss_impls = args.loss_impls or [args.loss_impl]
     for config_name in default_configs(args):
-        process = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child", config_name],
-                                 capture_output=True, text=True)
-        lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-        if process.returncode == 0 and lines:
-            result = json.loads(lines[-1][len("RESULT "):])
-        else:
-            error = (process.stderr.strip().splitlines() or ["no output"])[-1]
-            result = {"config": config_name, "error": error, "returncode": process.returncode}
-        print("RESULT " + json.dumps(result), flush=True)
-        results.append(result)
+        variants = [(t, i) for t in loss_types for i in loss_impls] if not config_name.startswith("trl") else [(None, None)]
+        for loss_type, loss_impl in variants:
+            extra = ["--loss_type", loss_type, "--loss_impl", loss_impl] if loss_type else []
+            process = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, *extra, "--child", config_name],
+                                     capture_output=True, text=True)
+            lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+            if process.returncode == 0 and lines:
+                result = json.loads(lines[-1][len("RESULT "):])
+            else:
+                error = (process.stderr.strip().splitlines() or ["no output"])[-1]
+                result = {"config": config_name, "error": error, "returncode": process.returncode}
+            if len(variants) > 1:  # "asft:chunked", or "packed:asft:chunked" for a realistic-mode configuration
+                result["config"] = ":".join(([] if config_name == "dft" else [config_name]) + [loss_type, loss_impl])
+            print("RESULT " + json.dumps(result), flush=True)
+            results.append(result)
     print_table(results)
     output = args.output_json or (os.path.join(os.environ["OUT"], "bench_train.json") if os.environ.get("OUT") else None)
     if output:
@@ -341,16 +359,16 @@ def main(argv=None) -> list[dict]:
 
 def print_table(results: list[dict]) -> None:
     rows = [r for r in results if "config" in r]
-    base = next((r["real_tokens_per_s"] for r in rows if r["config"] in ("batch1", "dft") and "real_tokens_per_s" in r), None)
-    print(f"{'config':16} {'tokens/s':>12} {'vs first':>9} {'padding':>8} {'peak GiB':>9} {'MFU':>7}")
+    base = next((r["real_tokens_per_s"] for r in rows if r["config"].split(":")[0] in ("batch1", "dft") and "real_tokens_per_s" in r), None)
+    print(f"{'config':24} {'tokens/s':>12} {'vs first':>9} {'padding':>8} {'peak GiB':>9} {'MFU':>7}")
     for r in rows:
         if "error" in r:
-            print(f"{r['config']:16} error: {r['error']}")
+            print(f"{r['config']:24} error: {r['error']}")
             continue
         speedup = f"{r['real_tokens_per_s'] / base:.2f}x" if base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         padding = f"{100 * r['padding_fraction']:.1f}%" if r.get("padding_fraction") is not None else "-"
-        print(f"{r['config']:16} {r['real_tokens_per_s']:>12,.0f} {speedup:>9} {padding:>8} {r['peak_gib']:>9.2f} {mfu:>7}")
+        print(f"{r['config']:24} {r['real_tokens_per_s']:>12,.0f} {speedup:>9} {padding:>8} {r['peak_gib']:>9.2f} {mfu:>7}")
 
 
 if __name__ == "__main__":

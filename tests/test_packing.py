@@ -3,6 +3,7 @@ loss, metrics and gradients are the same packed and unpacked (fp32, CPU)."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -11,8 +12,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 from data_utils import DataCollatorForDFT, load_conversations, tokenize_conversation
-from dft_loss import IGNORE_INDEX, dft_loss_from_logits, metrics_from_stats
+from dft_loss import IGNORE_INDEX, LossSpec, dft_loss_from_logits, metrics_from_stats
 from dft_loss_chunked import dft_loss_chunked
+from dft_reference import ReferenceModel
 from dft_trainer import count_supervised_tokens
 from packing import (
     DataCollatorForPacking,
@@ -198,23 +200,25 @@ def sample_conversations(tiny_tokenizer, sample_files):
     return Dataset.from_dict({key: [r[key] for r in rows] for key in ("input_ids", "labels", "length")})
 
 
-def _loss_and_grads(model, batches: list[dict], loss_impl: str, dft_alpha: float = 0.7):
-    """Sum of micro-batch losses normalised by the step's supervised tokens, its stats and gradients."""
+def _loss_and_grads(model, batches: list[dict], loss_impl: str, dft_alpha=0.7, reference=None):
+    """Sum of micro-batch losses normalised by the step's supervised tokens, its stats and gradients.
+    `dft_alpha`: a float or a LossSpec; `reference`: a ReferenceModel for an anchored spec."""
     model.zero_grad(set_to_none=True)
     step_tokens = count_supervised_tokens(batches)
     total_loss, total_stats = 0.0, 0
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if loss_impl == "chunked":
-            result, _ = dft_loss_chunked(model, inputs, batch["labels"], dft_alpha, step_tokens, chunk_size=64)
+            result, _ = dft_loss_chunked(model, inputs, batch["labels"], dft_alpha, step_tokens, chunk_size=64, reference=reference)
         else:
+            ref_logits = reference.logits(model, inputs) if reference is not None else None
             logits = model(**inputs, use_cache=False).logits
-            result = dft_loss_from_logits(logits, batch["labels"], dft_alpha, step_tokens)
+            result = dft_loss_from_logits(logits, batch["labels"], dft_alpha, step_tokens, ref_logits=ref_logits)
         result.loss.backward()
         total_loss += result.loss.item()
         total_stats = total_stats + result.stats
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return total_loss, metrics_from_stats(total_stats), grads
+    return total_loss, metrics_from_stats(total_stats, anchored=reference is not None), grads
 
 
 @pytest.mark.parametrize("loss_impl", ["full", "chunked"])
@@ -240,3 +244,30 @@ def test_packed_and_unpacked_give_the_same_loss_metrics_and_gradients(models, sa
             scale = reference[2][name].abs().max().clamp(min=1e-12)
             assert (grad - reference[2][name]).abs().max() / scale < 1e-5, name
     model.eval()
+
+
+@pytest.mark.parametrize("loss_impl", ["full", "chunked"])
+def test_packing_keeps_the_asft_anchor_exact(models, sample_conversations, loss_impl):
+    """The reference model gets the same position_ids as the policy, so packed rows give the unpacked KL."""
+    policy = models["sdpa"].train()
+    frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL is not 0
+        for param in frozen.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    reference = ReferenceModel(frozen)
+    spec = LossSpec(loss_type="asft", anchor_kl_coef=0.5)
+    conversations = list(sample_conversations)
+    padded = DataCollatorForDFT(pad_token_id=0)
+    unpacked = [padded(conversations[:5]), padded(conversations[5:])]
+    expected = _loss_and_grads(policy, unpacked, loss_impl, spec, reference)
+    assert expected[1]["anchor_kl"] > 1e-3
+    rows = list(pack_dataset(sample_conversations, max_length=256))
+    loss, metrics, grads = _loss_and_grads(policy, [DataCollatorForPacking(pad_token_id=0)(rows)], loss_impl, spec, reference)
+    assert loss == pytest.approx(expected[0], rel=1e-5)
+    assert metrics.keys() == expected[1].keys()
+    for key, value in metrics.items():
+        assert value == pytest.approx(expected[1][key], rel=1e-5), key
+    for name, grad in grads.items():
+        scale = expected[2][name].abs().max().clamp(min=1e-12)
+        assert (grad - expected[2][name]).abs().max() / scale < 1e-5, name
+    policy.eval()
