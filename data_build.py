@@ -4,7 +4,7 @@ Pipeline (`build_datasets`):
   1. resolve  `--data_files` files, directories and globs -> a sorted list of data files; each is checked
               at once (exists, not empty, JSON or Parquet) so a bad path fails before any work (data_files).
   2. read     record by record (data_files.iter_records).
-  3. normalise every record to one fixed schema {"messages": [{"role", "content"}], "source", "line"},
+  3. normalise every record to one fixed schema {"messages": [...], "tools", "source", "line"},
               or skip it with a reason (data_formats.normalize_record).
   4. tokenise with the tokenizer's chat template and assistant-only labels (data_masking, `datasets.map`,
               `num_proc` workers), drop conversations left with no supervised token, count them against their file.
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data_files import BrokenLine, DataError, check_data_file, iter_records, resolve_data_files
-from data_formats import normalize_record
-from data_masking import TRUNCATED_TO_NOTHING, ConversationTokenizer, _template_of, ensure_chat_template
+from data_formats import FormatOptions, normalize_record
+from data_masking import TRUNCATED_TO_NOTHING, ConversationTokenizer, MaskingOptions, _template_of, ensure_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class FileReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few "file:line"
+    adjusted: Counter = field(default_factory=Counter)  # kept records changed to fit the template, by note
+    extra_examples: int = 0  # examples beyond one per kept record (one per turn, history-rewriting templates)
 
     def skip(self, reason: str, where: str, max_examples: int = MAX_EXAMPLES) -> None:
         self.skipped[reason] += 1
@@ -61,15 +63,19 @@ class FileReport:
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(self.skipped.most_common()),
             "examples": {reason: self.examples[reason] for reason, _ in self.skipped.most_common()},
+            "adjusted_by_note": dict(self.adjusted.most_common()),
+            "extra_examples": self.extra_examples,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "FileReport":
-        return cls(data["path"], data["split"], data["read"], data["kept"], Counter(data["skipped_by_reason"]), dict(data["examples"]))
+        return cls(data["path"], data["split"], data["read"], data["kept"], Counter(data["skipped_by_reason"]), dict(data["examples"]),
+                   Counter(data.get("adjusted_by_note", {})), data.get("extra_examples", 0))
 
 
-def read_file_records(path: str, source: int, strict: bool, split: str = "train") -> tuple[list[dict], FileReport]:
-    """Reads and normalises one file: rows {"messages", "source", "line"} plus its FileReport.
+def read_file_records(path: str, source: int, strict: bool, split: str = "train",
+                      formats: FormatOptions | None = None) -> tuple[list[dict], FileReport]:
+    """Reads and normalises one file: rows {"messages", "tools", "source", "line"} plus its FileReport.
 
     Raises:
         DataError: the file holds no JSON record at all; with `strict`, the first invalid record.
@@ -81,7 +87,7 @@ def read_file_records(path: str, source: int, strict: bool, split: str = "train"
         report.read += 1
         if error is None:
             json_seen = True
-            messages, error = normalize_record(record)
+            conversation, error = normalize_record(record, formats)
         where = f"{path}:{line_number}"
         if error is not None:
             if strict:
@@ -90,16 +96,16 @@ def read_file_records(path: str, source: int, strict: bool, split: str = "train"
             report.skip(error, where)
             continue
         report.kept += 1
-        rows.append({"messages": messages, "source": source, "line": line_number})
+        rows.append({**conversation, "source": source, "line": line_number})
     if not json_seen:
         raise DataError(f"{path}: no JSON record could be read; is this a JSON/JSONL file?")
     return rows, report
 
 
-def load_conversations(paths: list[str], strict: bool = False) -> tuple[list[dict], list[FileReport]]:
+def load_conversations(paths: list[str], strict: bool = False, formats: FormatOptions | None = None) -> tuple[list[dict], list[FileReport]]:
     """Reads ChatML/ShareGPT records from data files (or directories/globs) into normalised rows.
 
-    Returns ([{"messages", "source", "line"}], [FileReport per file]); `source` indexes the reports.
+    Returns ([{"messages", "tools", "source", "line"}], [FileReport per file]); `source` indexes the reports.
 
     Raises:
         DataError: a path or file is bad (see `resolve_data_files`, `check_data_file`); with `strict`,
@@ -111,7 +117,7 @@ def load_conversations(paths: list[str], strict: bool = False) -> tuple[list[dic
     conversations: list[dict] = []
     reports: list[FileReport] = []
     for source, path in enumerate(files):
-        rows, report = read_file_records(path, source, strict)
+        rows, report = read_file_records(path, source, strict, formats=formats)
         conversations.extend(rows)
         reports.append(report)
     return conversations, reports
@@ -122,7 +128,9 @@ def _features():
 
     return Features(
         {
-            "messages": List({"role": Value("string"), "content": Value("string")}),
+            "messages": List({"role": Value("string"), "content": Value("string"), "reasoning_content": Value("string"),
+                              "tool_calls": Value("string"), "name": Value("string"), "loss": Value("bool")}),
+            "tools": Value("string"),
             "source": Value("int32"),
             "line": Value("int64"),
         }
@@ -155,9 +163,15 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(train_files: list[str], eval_files: list[str], tokenizer, max_length: int, strict: bool) -> str:
-    """Key of a cached tokenised dataset: the files (path, size, mtime), tokenizer, template, settings, code."""
+def data_fingerprint(train_files: list[str], eval_files: list[str], tokenizer, max_length: int, strict: bool,
+                     encoder: ConversationTokenizer | None = None, formats: FormatOptions | None = None) -> str:
+    """Key of a cached tokenised dataset: the files (path, size, mtime), tokenizer, template, settings, code,
+    and a probe conversation rendered now (a template that writes today's date renders differently tomorrow)."""
+    encoder = encoder or ConversationTokenizer(tokenizer, max_length)
     state = {
+        "masking": repr(encoder.options),
+        "formats": repr(formats or FormatOptions()),
+        "rendering": encoder.probe_rendering(),
         "code": _pipeline_code_hash(),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
@@ -181,13 +195,13 @@ def _percentile(lengths: np.ndarray, q: float) -> int:
 
 
 def _tokenise_files(files: list[str], split: str, first_source: int, strict: bool, encoder: ConversationTokenizer,
-                    num_proc: int | None, reports: list[FileReport]):
+                    num_proc: int | None, reports: list[FileReport], formats: FormatOptions | None = None):
     """Reads, normalises, merges and tokenises one split; updates `reports`; returns (dataset, stats)."""
     from datasets import Dataset, concatenate_datasets
 
     per_file = []
     for offset, path in enumerate(files):
-        rows, report = read_file_records(path, first_source + offset, strict, split)
+        rows, report = read_file_records(path, first_source + offset, strict, split, formats)
         reports.append(report)
         if rows:  # one fixed schema per file, so the merge below never meets a type conflict
             per_file.append(Dataset.from_list(rows, features=_features()))
@@ -205,7 +219,7 @@ def _tokenise_files(files: list[str], split: str, first_source: int, strict: boo
         new_fingerprint=f"dft-tokenise-{uuid.uuid4().hex}",  # our own cache decides reuse, not datasets'
         desc=f"Tokenising {split} conversations",
     )
-    table = tokenised.select_columns(["drop_reason", "source", "line", "truncated", "length", "supervised"]).to_dict()
+    table = tokenised.select_columns(["drop_reason", "source", "line", "truncated", "length", "supervised", "extra", "notes"]).to_dict()
     drop_reasons = table["drop_reason"]
     kept_indices = []
     for index, reason in enumerate(drop_reasons):
@@ -213,8 +227,12 @@ def _tokenise_files(files: list[str], split: str, first_source: int, strict: boo
         if reason:
             report.kept -= 1
             report.skip(reason, f"{report.path}:{table['line'][index]}")
-        else:
-            kept_indices.append(index)
+            continue
+        kept_indices.append(index)
+        if table["extra"][index]:  # a further example of a record already counted as kept
+            report.extra_examples += 1
+        elif table["notes"][index]:
+            report.adjusted.update(table["notes"][index].split(";"))
     lengths = np.asarray(table["length"], dtype=np.int64)[kept_indices]
     stats = {
         "tokens": int(lengths.sum()),
@@ -242,13 +260,13 @@ def _token_summary(stats: list[dict], reports: list[FileReport], max_length: int
     }
 
 
-def _build_and_save(cache_path: str | None, train_files, eval_files, strict, encoder, num_proc) -> dict:
+def _build_and_save(cache_path: str | None, train_files, eval_files, strict, encoder, num_proc, formats=None) -> dict:
     """Builds the tokenised splits and their report; saves them atomically under `cache_path`."""
     reports: list[FileReport] = []
-    train, train_stats = _tokenise_files(train_files, "train", 0, strict, encoder, num_proc, reports)
+    train, train_stats = _tokenise_files(train_files, "train", 0, strict, encoder, num_proc, reports, formats)
     evaluation, eval_stats = (None, None)
     if eval_files:
-        evaluation, eval_stats = _tokenise_files(eval_files, "eval", len(train_files), strict, encoder, num_proc, reports)
+        evaluation, eval_stats = _tokenise_files(eval_files, "eval", len(train_files), strict, encoder, num_proc, reports, formats)
     report = {
         "files": [r.to_dict() for r in reports],
         "tokens": _token_summary([s for s in (train_stats, eval_stats) if s], reports, encoder.max_length),
@@ -291,7 +309,9 @@ def build_datasets(data_args, tokenizer, training_args):
         DataError: a path or file is bad; with --strict_data, the first invalid record; no
             conversation is left to train on; the validation split would be empty.
     """
-    using_builtin = ensure_chat_template(tokenizer)
+    builtin = ensure_chat_template(tokenizer, getattr(data_args, "chat_template", None))
+    formats = FormatOptions(dpo_chosen_as_sft=getattr(data_args, "dpo_chosen_as_sft", False))
+    encoder = ConversationTokenizer(tokenizer, data_args.max_length, MaskingOptions.from_args(data_args))
     train_files, ignored = resolve_data_files(data_args.data_files, "--data_files")
     eval_files, eval_ignored = resolve_data_files(data_args.eval_data_files, "--eval_data_files") if data_args.eval_data_files else ([], [])
     for path in train_files + eval_files:  # on every rank, so a bad file stops all of them at once
@@ -301,9 +321,8 @@ def build_datasets(data_args, tokenizer, training_args):
     if cache_root != "none":
         cache_root = cache_root or default_cache_dir()
         os.makedirs(cache_root, exist_ok=True)
-        fingerprint = data_fingerprint(train_files, eval_files, tokenizer, data_args.max_length, data_args.strict_data)
+        fingerprint = data_fingerprint(train_files, eval_files, tokenizer, data_args.max_length, data_args.strict_data, encoder, formats)
         cache_path = os.path.join(cache_root, fingerprint)
-    encoder = ConversationTokenizer(tokenizer, data_args.max_length)
     first = training_args.main_process_first(desc="data preprocessing") if training_args is not None else contextlib.nullcontext()
     with first:
         reused = cache_path is not None and os.path.isfile(os.path.join(cache_path, "report.json"))
@@ -312,10 +331,11 @@ def build_datasets(data_args, tokenizer, training_args):
             built = _load_cached(cache_path)
         else:
             built = _build_and_save(cache_path, train_files, eval_files, data_args.strict_data, encoder,
-                                    data_args.preprocessing_num_workers)
+                                    data_args.preprocessing_num_workers, formats)
     report, train_dataset, eval_dataset = built["report"], built["train"], built["eval"]
     report["ignored_files"] = ignored + eval_ignored
-    report["chat_template"] = "built-in ChatML (the tokenizer has none)" if using_builtin else "tokenizer's own"
+    report["chat_template"] = (f"built-in {builtin}" if builtin else getattr(data_args, "chat_template", None) or "tokenizer's own")
+    report["masking"] = {"train_on_turns": encoder.options.train_on_turns, "chat_template_kwargs": dict(encoder.options.chat_template_kwargs)}
     report["cache"] = {"path": cache_path, "reused": reused}
     if train_dataset is None or len(train_dataset) == 0:
         skipped = Counter()
@@ -372,6 +392,10 @@ def format_data_report(report: dict) -> str:
         for reason, count in f["skipped_by_reason"].items():
             examples = ", ".join(f["examples"].get(reason, []))
             lines.append(f"    {count:>7,} x {reason}  (e.g. {examples})")
+        for note, count in f.get("adjusted_by_note", {}).items():
+            lines.append(f"    {count:>7,} kept, adjusted: {note}")
+        if f.get("extra_examples"):
+            lines.append(f"    {f['extra_examples']:>7,} extra examples, one per assistant turn (the template rewrites earlier turns)")
     totals = report.get("totals") or _totals(files)
     lines.append(f"{'total':<{width}}        {totals['read']:>9,} {totals['kept']:>9,} {totals['skipped']:>9,}")
     tokens = report["tokens"]

@@ -12,39 +12,108 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from data_files import DataError
+from data_formats import template_messages, template_tools
 from dft_loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-# The ChatML template used when a tokenizer has none (Qwen-style, without the default system prompt).
+# The ChatML template used when a tokenizer has none or `--chat_template chatml` is given: Qwen-style,
+# without the default system prompt; tools in the system turn, tool calls in <tool_call> tags, tool
+# results in a user turn, reasoning in <think> tags (as Qwen2.5/Qwen3 write them).
 CHATML_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n"
+    "</tool_call><|im_end|>\\n' }}{%- endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message.get('reasoning_content') %}{{ '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- if message['role'] == 'tool' %}{{ '<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- else %}{{ message['content'] }}{%- endif %}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- set call = call.function if call.function is defined else call %}"
+    "{{ ('\\n' if message['content'] or not loop.first else '') + '<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' + (call.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+# Control tokens each built-in template writes; a tokenizer that lacks them gets them added (tokenizer_setup).
+BUILTIN_CONTROL_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>")}
 
 # Skip reasons at tokenisation time (reading-time reasons come from `normalize_record`).
 NO_SUPERVISED_TOKEN = "no supervised token"
 TRUNCATED_TO_NOTHING = "no supervised token after truncation to --max_length"
+NOT_VERBATIM = "chat template does not render the assistant content verbatim"
+# Notes on kept records (counted in the data report under "adjusted").
+SYSTEM_FOLDED = "system prompt folded into the first user turn (the template rejects a system role)"
+REASONING_INLINED = "reasoning written as <think>...</think> in the content (the template has no reasoning field)"
+HEADER_SPLIT = "first answer token merged with the role header: tokenised apart as at generation"
+TURN_EXAMPLES = "extra example per assistant turn (the template renders earlier turns differently)"
+
+TRAIN_ON_TURNS = ("all", "last")
 
 
-def ensure_chat_template(tokenizer) -> bool:
-    """Gives a tokenizer without a chat template the built-in ChatML one (with a warning).
+@dataclass(frozen=True)
+class MaskingOptions:
+    """How conversations are rendered and which assistant turns are trained (part of the cache key)."""
 
-    Returns True when the built-in template was installed.
+    train_on_turns: str = "all"  # "all" assistant turns, or only the "last"; a message's "loss" overrides
+    chat_template_kwargs: tuple = ()  # sorted (name, value) pairs passed to the template (enable_thinking, ...)
+
+    @classmethod
+    def from_args(cls, data_args) -> "MaskingOptions":
+        kwargs = getattr(data_args, "chat_template_kwargs", None) or {}
+        if isinstance(kwargs, str):
+            kwargs = json.loads(kwargs)
+        return cls(getattr(data_args, "train_on_turns", "all") or "all", tuple(sorted(kwargs.items())))
+
+
+def resolve_chat_template(spec: str) -> tuple[str, str]:
+    """`--chat_template` (a built-in name or a .jinja file) -> (template text, name for logs).
+
+    Raises:
+        DataError: neither a built-in name nor a readable file.
     """
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec], f"built-in {spec}"
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            return f.read(), spec
+    raise DataError(f"--chat_template {spec}: not a file and not a built-in template ({', '.join(BUILTIN_TEMPLATES)})")
+
+
+def ensure_chat_template(tokenizer, chat_template: str | None = None) -> str | None:
+    """Installs `--chat_template` (built-in name or file), or the built-in ChatML template when the
+    tokenizer has none (with a warning).
+
+    Returns the name of the built-in template installed ("chatml"), or None when the tokenizer's own
+    template or a template file is used.
+    """
+    if chat_template:
+        text, name = resolve_chat_template(chat_template)
+        tokenizer.chat_template = text
+        logger.info("chat template: %s (--chat_template)", name)
+        return chat_template if chat_template in BUILTIN_TEMPLATES else None
     if not getattr(tokenizer, "chat_template", None):
         logger.warning("The tokenizer has no chat_template; using the built-in ChatML template.")
         tokenizer.chat_template = CHATML_TEMPLATE
-        return True
-    return False
+        return "chatml"
+    return None
 
 
 def _template_of(tokenizer) -> str:
@@ -67,12 +136,13 @@ class ChatRenderer:
 
     It compiles the template once and calls it directly (about 2x faster than apply_chat_template,
     which re-validates its arguments on every call). The compiled template is not pickled: each
-    `datasets.map` worker compiles its own.
+    `datasets.map` worker compiles its own. `template_kwargs` are passed to every render.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, template_kwargs: dict | None = None):
         self.tokenizer = tokenizer
         self.template = _template_of(tokenizer)
+        self.template_kwargs = dict(template_kwargs or {})
         self._compiled = None
 
     def __getstate__(self):
@@ -84,133 +154,190 @@ class ChatRenderer:
 
             compiled = _compile_jinja_template(self.template)
             special_tokens = json.loads(json.dumps(self.tokenizer.special_tokens_map, default=str))
-            self._compiled = lambda messages, add_generation_prompt: compiled.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **special_tokens
+            self._compiled = lambda messages, tools, add_generation_prompt: compiled.render(
+                messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
+                **{**special_tokens, **self.template_kwargs},
             )
         except ImportError:  # a transformers without the helper: the public API, slower
-            self._compiled = lambda messages, add_generation_prompt: self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template
+            self._compiled = lambda messages, tools, add_generation_prompt: self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template,
+                **self.template_kwargs,
             )
 
-    def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if not messages:
+    def __call__(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+        if not messages and not add_generation_prompt:
             return ""
         if self._compiled is None:
             self._compile()
-        return self._compiled(messages, add_generation_prompt)
+        return self._compiled(messages, tools, add_generation_prompt)
 
 
-# Placeholders from Unicode's private-use area: survive `trim` and never occur in real text.
-_PLACEHOLDER = "\ue000{}\ue001"
-_PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
+# Private-use characters: never in real text, so a probe finds exactly what the template did with them.
+_PROBE = "\ue000probe\ue001"
 
 
 class ConversationTokenizer:
     """Tokenises conversations with assistant-only labels for any chat template.
 
-    Finding the supervised characters: the template is rendered once with every message's content
-    replaced by a placeholder (the "skeleton", cached per sequence of roles), which tells what the
-    template writes around each message. The real rendering is then walked literal by literal, each
-    content matched as written or trimmed. Templates that change content in other ways (or whose
-    layout depends on it) fall back to rendering the prefix before and through each assistant turn,
-    which costs O(turns) renders per conversation instead of one.
+    Finding the supervised characters of assistant turn i: the template renders the conversation up to
+    turn i with the generation prompt (P) and through turn i (T); T[len(P):] is what the model generates
+    for that turn. The span starts at the assistant content (or, for a turn with reasoning or tool calls,
+    at the start of the generated text) and ends with the last special token the template writes for the
+    turn (its end-of-turn token), never the newline after it. When the full rendering starts with T, the
+    span is supervised in the full conversation; when the template renders earlier turns differently
+    (Qwen3 drops old reasoning), turn i becomes an extra example of its own, T, with only turn i supervised.
 
-    An assistant span is its content plus everything up to and including the first special token the
-    template writes after it (the end-of-turn token), nothing after that.
+    Which turns: every assistant turn (`train_on_turns="all"`) or the last one ("last"); a message's
+    "loss": true/false overrides both.
     """
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, options: MaskingOptions | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.render = ChatRenderer(tokenizer)
+        self.options = options or MaskingOptions()
+        self.render = ChatRenderer(tokenizer, dict(self.options.chat_template_kwargs))
         self.specials = _special_token_strings(tokenizer)
-        self._skeletons: dict[tuple[str, ...], list] = {}
+        self._abilities: dict | None = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_skeletons": {}}
+        return {**self.__dict__, "_abilities": None}
+
+    # -- what the template can express ---------------------------------------------------------
+
+    def _renders(self, messages: list[dict], tools: list | None = None) -> str | None:
+        try:
+            return self.render(messages, tools=tools)
+        except Exception:
+            return None
+
+    @property
+    def abilities(self) -> dict[str, bool]:
+        """Probed once: does the template accept a system turn, and render reasoning, tool calls, tools?"""
+        if self._abilities is None:
+            user = {"role": "user", "content": "u"}
+            answer = {"role": "assistant", "content": "a"}
+            with_system = self._renders([{"role": "system", "content": "s"}, user, answer])
+            call = {"type": "function", "function": {"name": _PROBE, "arguments": {}}}
+            tool = {"type": "function", "function": {"name": _PROBE, "description": "d", "parameters": {"type": "object", "properties": {}}}}
+            self._abilities = {
+                "fold_system": with_system is None and self._renders([user, answer]) is not None,
+                "reasoning": _PROBE in (self._renders([user, {**answer, "reasoning_content": _PROBE}]) or ""),
+                "tool_calls": _PROBE in (self._renders([user, {"role": "assistant", "content": "", "tool_calls": [call]}]) or ""),
+                "tools": _PROBE in (self._renders([user, answer], tools=[tool]) or ""),
+            }
+        return self._abilities
+
+    def probe_rendering(self) -> str:
+        """A fixed conversation rendered now: part of the cache key, so a template whose output changes
+        (today's date in Llama-3.x) never reuses a stale cache."""
+        messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        return "\n".join(str(self._renders(m)) for m in (messages, messages[1:]))
+
+    # -- preparing a conversation for its template ---------------------------------------------
+
+    def _control_token_in(self, messages: list[dict], tools: str | None) -> str | None:
+        texts = [tools or ""]
+        for message in messages:
+            texts += [message["content"], message.get("reasoning_content") or "", message.get("tool_calls") or ""]
+        joined = "\n".join(texts)
+        return next((special for special in self.specials if special in joined), None)
+
+    def _prepare(self, messages: list[dict], tools: str | None) -> tuple[list[dict], list | None, list[str]]:
+        """Normalised messages -> (template messages, tools, notes), or DataError naming what cannot be expressed."""
+        special = self._control_token_in(messages, tools)
+        if special is not None:
+            # Encoded as text, it would become the real control token (e.g. an early end of turn).
+            raise DataError(f"content contains the control token text {special!r}")
+        abilities, notes = self.abilities, []
+        rendered = template_messages(messages)
+        if any("tool_calls" in m for m in rendered) and not abilities["tool_calls"]:
+            raise DataError("chat template cannot express tool calls (use --chat_template chatml or one with tool support)")
+        if tools and not abilities["tools"]:
+            raise DataError("chat template ignores the tools list (use --chat_template chatml or one with tool support)")
+        if any("reasoning_content" in m for m in rendered) and not abilities["reasoning"]:
+            for message in rendered:
+                if "reasoning_content" in message:
+                    message["content"] = f"<think>\n{message.pop('reasoning_content').strip()}\n</think>\n\n{message['content']}"
+            notes.append(REASONING_INLINED)
+        if rendered[0]["role"] == "system" and abilities["fold_system"]:
+            system = rendered.pop(0)["content"]
+            first_user = next((m for m in rendered if m["role"] == "user"), None)
+            if first_user is None:
+                raise DataError("chat template rejects a system role and there is no user turn to fold it into")
+            first_user["content"] = f"{system}\n\n{first_user['content']}"
+            notes.append(SYSTEM_FOLDED)
+        return rendered, template_tools(tools), notes
+
+    def _trained_turns(self, messages: list[dict]) -> list[int]:
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        default = set(assistants) if self.options.train_on_turns == "all" else set(assistants[-1:])
+        trained = []
+        for i in assistants:
+            loss = messages[i].get("loss")
+            if loss if loss is not None else i in default:
+                trained.append(i)
+        return trained
 
     # -- spans ---------------------------------------------------------------------------------
 
-    def _end_of_turn(self, literal: str) -> int:
-        """Characters of `literal` (what follows an assistant content) that close the turn: up to and
-        including its first special token, or 0 when it has none."""
-        best = None
+    def _turn_end(self, segment: str, content_end: int) -> int:
+        """End of the supervised part of a turn's generated text: through its last special token (the
+        end-of-turn token), or the content's end when the template writes none."""
+        best = 0
         for special in self.specials:
-            position = literal.find(special)
-            if position >= 0 and (best is None or position < best[0]):
-                best = (position, len(special))
-        return best[0] + best[1] if best else 0
+            position = segment.rfind(special)
+            if position >= 0:
+                best = max(best, position + len(special))
+        return best if best >= content_end else content_end
 
-    def _skeleton(self, roles: tuple[str, ...]) -> list | None:
-        """[literal0, index1, literal1, index2, ...] of the template for these roles; None if unusable."""
-        if roles not in self._skeletons:
-            if len(self._skeletons) >= 10_000:  # bounded: role sequences repeat, but never hold unbounded memory
-                self._skeletons.clear()
-            placeholders = [{"role": role, "content": _PLACEHOLDER.format(i)} for i, role in enumerate(roles)]
-            try:
-                rendered = self.render(placeholders)
-            except Exception:  # a template that inspects content may reject placeholders: use the fallback
-                self._skeletons[roles] = None
-                return None
-            parts = _PLACEHOLDER_RE.split(rendered)
-            layout: list = [parts[0]]
-            for index_text, literal in zip(parts[1::2], parts[2::2]):
-                layout += [int(index_text), literal]
-            indices = layout[1::2]
-            assistants = [i for i, role in enumerate(roles) if role == "assistant"]
-            usable = all(indices.count(i) == 1 for i in assistants) and "\ue001" not in "".join(layout[0::2])
-            self._skeletons[roles] = layout if usable else None
-        return self._skeletons[roles]
+    def _turn_span(self, messages: list[dict], index: int, tools) -> tuple[str, int, int]:
+        """(T, start, end): the rendering through turn `index` and the characters to supervise in it."""
+        prompt = self.render(messages[:index], add_generation_prompt=True, tools=tools)
+        through = self.render(messages[: index + 1], tools=tools)
+        if not through.startswith(prompt):
+            raise DataError("chat template renders the turn differently from its generation prompt")
+        segment = through[len(prompt):]
+        message = messages[index]
+        answer = message["content"].split("</think>")[-1].strip()
+        found = segment.find(answer) if answer else 0
+        if found < 0:
+            raise DataError(NOT_VERBATIM)
+        content_end = found + len(answer)
+        generated_whole = "tool_calls" in message or "reasoning_content" in message or "</think>" in message["content"]
+        start = 0 if generated_whole else found
+        return through, len(prompt) + start, len(prompt) + self._turn_end(segment, content_end)
 
-    def _spans_from_skeleton(self, full: str, messages: list[dict], layout: list) -> list[tuple[int, int]] | None:
-        if not full.startswith(layout[0]):
-            return None
-        position, spans = len(layout[0]), []
-        for index, literal in zip(layout[1::2], layout[2::2]):
-            content = messages[index]["content"]
-            for candidate in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
-                end = position + len(candidate)
-                if full.startswith(candidate, position) and full.startswith(literal, end):
-                    break
-            else:
-                return None
-            if messages[index]["role"] == "assistant":
-                spans.append((position, end + self._end_of_turn(literal)))
-            position = end + len(literal)
-        return spans if position == len(full) else None
+    def supervised_examples(self, messages: list[dict], tools: str | None = None) -> tuple[list[tuple[str, list]], list[str]]:
+        """[(rendered text, [(start, end) character spans to supervise])] and notes for one conversation.
 
-    def _spans_from_prefixes(self, full: str, messages: list[dict]) -> list[tuple[int, int]]:
-        spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prefix = self.render(messages[:index], add_generation_prompt=True)
-            through = self.render(messages[: index + 1])
-            if not full.startswith(prefix) or not full.startswith(through):
-                raise DataError("chat template renders earlier turns differently; cannot locate assistant spans")
-            content = message["content"].strip()  # templates often trim content
-            start = full.find(content, len(prefix), len(through))
-            if start < 0:
-                raise DataError("chat template does not render the assistant content verbatim")
-            end = start + len(content)
-            spans.append((start, end + self._end_of_turn(full[end:])))
-        return spans
-
-    def supervised_char_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """(rendered text, [(start, end) character spans to supervise]).
+        The first example is the whole conversation; further ones exist only for turns the template
+        renders differently once later turns follow (see the class doc).
 
         Raises:
-            DataError: the template cannot be matched against the conversation (see class doc).
+            DataError: content holds control-token text, the template cannot express the conversation,
+                or its assistant turns cannot be located (see the class doc).
         """
+        rendered, tools_list, notes = self._prepare(messages, tools)
         try:
-            full = self.render(messages)
+            full = self.render(rendered, tools=tools_list)
+            spans, extra = [], []
+            for index in self._trained_turns(rendered):
+                through, start, end = self._turn_span(rendered, index, tools_list)
+                if full.startswith(through[:end]):
+                    spans.append((start, end))
+                else:
+                    extra.append((through, [(start, end)]))
+        except DataError:
+            raise
         except Exception as err:  # jinja's raise_exception, type errors in templates, ...
             raise DataError(f"chat template error: {str(err).splitlines()[0][:80]}") from None
-        layout = self._skeleton(tuple(message["role"] for message in messages))
-        spans = self._spans_from_skeleton(full, messages, layout) if layout else None
-        if spans is None:
-            spans = self._spans_from_prefixes(full, messages)
-        return full, spans
+        if extra:
+            notes.append(TURN_EXAMPLES)
+        return [(full, spans)] + extra, notes
+
+    def supervised_char_spans(self, messages: list[dict], tools: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """(rendered text, [(start, end) character spans to supervise]) of the whole conversation."""
+        return self.supervised_examples(messages, tools)[0][0]
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -230,27 +357,38 @@ class ConversationTokenizer:
             last += 1
         return first, last
 
-    def _encode(self, texts: list[str], spans_per_text: list) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """[(input_ids, [token ranges to supervise])] per text."""
+    @staticmethod
+    def _straddles(encoding, first: int, last: int, start: int, end: int) -> bool:
+        """Does a supervised token also hold characters outside its span (e.g. a header's newline)?"""
+        return encoding.token_to_chars(first)[0] < start or encoding.token_to_chars(last - 1)[1] > end
+
+    def _encode_pieces(self, encode, text: str, spans: list) -> tuple[list[int], list[tuple[int, int]]]:
+        """Tokenises the text piece by piece, cut at every span boundary, as generation does: the prompt
+        is tokenised up to the header, the answer starts a new token."""
+        ids, ranges, position = [], [], 0
+        for start, end in spans:
+            ids += encode(text[position:start]) if start > position else []
+            supervised = encode(text[start:end])
+            ranges.append((len(ids), len(ids) + len(supervised)))
+            ids += supervised
+            position = end
+        ids += encode(text[position:]) if text[position:] else []
+        return ids, ranges
+
+    def _encode(self, texts: list[str], spans_per_text: list) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
+        """[(input_ids, [token ranges to supervise], split at a header)] per text."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            results = []
-            for encoding, spans in zip(backend.encode_batch(texts, add_special_tokens=False), spans_per_text):
-                ranges = [self._token_range(encoding, start, end) for start, end in spans]
-                results.append((encoding.ids, [r for r in ranges if r is not None]))
-            return results
-        # Slow tokenizers have no offsets: tokenise the text piece by piece at span boundaries.
+        if backend is None:  # slow tokenizers have no offsets: always piecewise
+            encode = lambda piece: self.tokenizer.encode(piece, add_special_tokens=False)  # noqa: E731
+            return [(*self._encode_pieces(encode, text, spans), False) for text, spans in zip(texts, spans_per_text)]
         results = []
-        for text, spans in zip(texts, spans_per_text):
-            ids, ranges, position = [], [], 0
-            for start, end in spans:
-                ids += self.tokenizer.encode(text[position:start], add_special_tokens=False) if start > position else []
-                supervised = self.tokenizer.encode(text[start:end], add_special_tokens=False)
-                ranges.append((len(ids), len(ids) + len(supervised)))
-                ids += supervised
-                position = end
-            ids += self.tokenizer.encode(text[position:], add_special_tokens=False) if text[position:] else []
-            results.append((ids, ranges))
+        for text, encoding, spans in zip(texts, backend.encode_batch(texts, add_special_tokens=False), spans_per_text):
+            ranges = [self._token_range(encoding, start, end) for start, end in spans]
+            if any(r is not None and self._straddles(encoding, *r, start, end) for r, (start, end) in zip(ranges, spans)):
+                encode = lambda piece: backend.encode(piece, add_special_tokens=False).ids  # noqa: E731
+                results.append((*self._encode_pieces(encode, text, spans), True))
+            else:
+                results.append((encoding.ids, [r for r in ranges if r is not None], False))
         return results
 
     def _row(self, input_ids: list[int], ranges: list[tuple[int, int]]) -> dict[str, Any]:
@@ -267,29 +405,45 @@ class ConversationTokenizer:
         if supervised <= 0:
             return _dropped_row(TRUNCATED_TO_NOTHING if truncated else NO_SUPERVISED_TOKEN, truncated)
         return {"input_ids": ids, "labels": labels, "length": len(ids), "supervised": supervised,
-                "truncated": truncated, "drop_reason": ""}
+                "truncated": truncated, "drop_reason": "", "extra": False, "notes": ""}
 
-    def _rows(self, conversations: list[list[dict]]) -> list[dict[str, Any]]:
-        rows: list[dict | None] = []
-        texts, spans_per_text, positions = [], [], []
-        for messages in conversations:
+    def _rows(self, conversations: list[list[dict]], tools: list | None = None) -> tuple[list[dict[str, Any]], list[int]]:
+        """Rows for a batch of conversations and, per row, the index of its conversation. A conversation
+        gives one dropped row (with its reason) or one or more kept rows (the first not `extra`)."""
+        examples, notes_of, owners = [], [], []
+        failed: dict[int, str] = {}
+        for index, messages in enumerate(conversations):
             try:
-                text, spans = self.supervised_char_spans(messages)
+                found, notes = self.supervised_examples(messages, tools[index] if tools else None)
             except DataError as err:
-                rows.append(_dropped_row(str(err), False))
+                failed[index] = str(err)
                 continue
-            positions.append(len(rows))
-            rows.append(None)
-            texts.append(text)
-            spans_per_text.append(spans)
-        for position, (input_ids, ranges) in zip(positions, self._encode(texts, spans_per_text)):
-            rows[position] = self._row(input_ids, ranges)
-        return rows
+            for text, spans in found:
+                examples.append((text, spans))
+                owners.append(index)
+                notes_of.append(notes)
+        encoded = self._encode([text for text, _ in examples], [spans for _, spans in examples])
+        per_conversation: dict[int, list[dict]] = {}
+        for owner, notes, (input_ids, ranges, split) in zip(owners, notes_of, encoded):
+            row = self._row(input_ids, ranges)
+            row["notes"] = ";".join(notes + ([HEADER_SPLIT] if split else []))
+            per_conversation.setdefault(owner, []).append(row)
+        rows, row_owners = [], []
+        for index in range(len(conversations)):
+            if index in failed:
+                found = [_dropped_row(failed[index], False)]
+            else:
+                found = [row for row in per_conversation[index] if not row["drop_reason"]] or per_conversation[index][:1]
+            for position, row in enumerate(found):
+                row["extra"] = position > 0
+                rows.append(row)
+                row_owners.append(index)
+        return rows, row_owners
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         """`datasets.map(batched=True)` function returning Python lists; never raises, marks bad rows
         with `drop_reason`."""
-        rows = self._rows(batch["messages"])
+        rows, _ = self._rows(batch["messages"], batch.get("tools"))
         columns = {key: [row[key] for row in rows] for key in TOKENISED_COLUMNS}
         columns["input_ids"] = [ids.tolist() for ids in columns["input_ids"]]
         columns["labels"] = [labels.tolist() for labels in columns["labels"]]
@@ -300,7 +454,7 @@ class ConversationTokenizer:
         about 20% less CPU than Python lists). Passes "source" and "line" through when present."""
         import pyarrow as pa
 
-        rows = self._rows(batch["messages"])
+        rows, owners = self._rows(batch["messages"], batch.get("tools"))
         lengths = np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int32, count=len(rows))
         offsets = np.zeros(len(rows) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
@@ -312,23 +466,27 @@ class ConversationTokenizer:
             "supervised": pa.array([row["supervised"] for row in rows], type=pa.int32()),
             "truncated": pa.array([row["truncated"] for row in rows], type=pa.bool_()),
             "drop_reason": pa.array([row["drop_reason"] for row in rows], type=pa.string()),
+            "extra": pa.array([row["extra"] for row in rows], type=pa.bool_()),
+            "notes": pa.array([row["notes"] for row in rows], type=pa.string()),
         }
         for name in ("source", "line"):
             if name in batch:
-                columns[name] = pa.array(batch[name], type=pa.int32() if name == "source" else pa.int64())
+                columns[name] = pa.array([batch[name][i] for i in owners], type=pa.int32() if name == "source" else pa.int64())
         return pa.table(columns)
 
-    def tokenize(self, messages: list[dict]) -> dict[str, Any]:
-        """One conversation: {"input_ids", "labels", "length", "supervised", "truncated", "drop_reason"}."""
-        return {key: values[0] for key, values in self({"messages": [messages]}).items()}
+    def tokenize(self, messages: list[dict], tools: str | None = None) -> dict[str, Any]:
+        """One conversation: {"input_ids", "labels", "length", "supervised", "truncated", "drop_reason", ...}
+        of its first example (the whole conversation)."""
+        return {key: values[0] for key, values in self({"messages": [messages], "tools": [tools]}).items()}
 
 
-TOKENISED_COLUMNS = ("input_ids", "labels", "length", "supervised", "truncated", "drop_reason")
+TOKENISED_COLUMNS = ("input_ids", "labels", "length", "supervised", "truncated", "drop_reason", "extra", "notes")
 
 
 def _dropped_row(reason: str, truncated: bool) -> dict[str, Any]:
     empty = np.zeros(0, dtype=np.int32)
-    return {"input_ids": empty, "labels": empty, "length": 0, "supervised": 0, "truncated": truncated, "drop_reason": reason}
+    return {"input_ids": empty, "labels": empty, "length": 0, "supervised": 0, "truncated": truncated, "drop_reason": reason,
+            "extra": False, "notes": ""}
 
 
 def supervised_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -336,13 +494,13 @@ def supervised_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tu
     return ConversationTokenizer(tokenizer, max_length=1).supervised_char_spans(messages)
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict[str, Any]:
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, options: MaskingOptions | None = None) -> dict[str, Any]:
     """Tokenises one conversation with assistant-only labels.
 
-    Returns {"input_ids", "labels", "length", "supervised", "truncated", "drop_reason"}; `drop_reason` is
-    "" for a kept conversation, else why it must be dropped (the caller counts it).
+    Returns {"input_ids", "labels", "length", "supervised", "truncated", "drop_reason", ...}; `drop_reason`
+    is "" for a kept conversation, else why it must be dropped (the caller counts it).
     """
-    return ConversationTokenizer(tokenizer, max_length).tokenize(messages)
+    return ConversationTokenizer(tokenizer, max_length, options).tokenize(messages)
 
 
 def tokenize_batch(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
