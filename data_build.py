@@ -28,7 +28,7 @@ import numpy as np
 
 from data_files import BrokenLine, DataError, check_data_file, iter_records, resolve_data_files
 from data_formats import FormatOptions, normalize_record
-from data_masking import TRUNCATED_TO_NOTHING, ConversationTokenizer, MaskingOptions, _template_of, ensure_chat_template
+from data_masking import BUILTIN_TEMPLATES, TRUNCATED_TO_NOTHING, ConversationTokenizer, MaskingOptions, _template_of, ensure_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +310,7 @@ def build_datasets(data_args, tokenizer, training_args):
             conversation is left to train on; the validation split would be empty.
     """
     builtin = ensure_chat_template(tokenizer, getattr(data_args, "chat_template", None))
+    builtin = builtin or next((name for name, text in BUILTIN_TEMPLATES.items() if tokenizer.chat_template == text), None)
     formats = FormatOptions(dpo_chosen_as_sft=getattr(data_args, "dpo_chosen_as_sft", False))
     encoder = ConversationTokenizer(tokenizer, data_args.max_length, MaskingOptions.from_args(data_args))
     train_files, ignored = resolve_data_files(data_args.data_files, "--data_files")

@@ -291,14 +291,14 @@ class ConversationTokenizer:
         return best if best >= content_end else content_end
 
     def _turn_span(self, messages: list[dict], index: int, tools) -> tuple[str, int, int]:
-        """(T, start, end): the rendering through turn `index` and the characters to supervise in it."""
+        """(text, start, end): the rendering through turn `index` and the characters to supervise in it."""
         prompt = self.render(messages[:index], add_generation_prompt=True, tools=tools)
         through = self.render(messages[: index + 1], tools=tools)
-        if not through.startswith(prompt):
-            raise DataError("chat template renders the turn differently from its generation prompt")
-        segment = through[len(prompt):]
         message = messages[index]
         answer = message["content"].split("</think>")[-1].strip()
+        if not through.startswith(prompt):
+            return self._opened_turn_span(prompt, through, message, answer)
+        segment = through[len(prompt):]
         found = segment.find(answer) if answer else 0
         if found < 0:
             raise DataError(NOT_VERBATIM)
@@ -306,6 +306,27 @@ class ConversationTokenizer:
         generated_whole = "tool_calls" in message or "reasoning_content" in message or "</think>" in message["content"]
         start = 0 if generated_whole else found
         return through, len(prompt) + start, len(prompt) + self._turn_end(segment, content_end)
+
+    def _opened_turn_span(self, prompt: str, through: str, message: dict, answer: str) -> tuple[str, int, int]:
+        """A generation prompt the turn's own rendering does not start with: DeepSeek-R1 opens `<think>\n`
+        in the prompt but renders past turns without their reasoning. When the message's text starts with
+        what the prompt opened, the example is the prompt plus that text plus the template's end of turn
+        (exactly what the model generates); otherwise the turn is trained as the template renders it."""
+        common = len(os.path.commonprefix([prompt, through]))
+        opened = prompt[common:]
+        segment = through[common:]
+        found = segment.find(answer) if answer else -1
+        if found < 0:
+            raise DataError(NOT_VERBATIM)
+        end_of_turn = segment[: self._turn_end(segment, found + len(answer))][found + len(answer):]
+        content = message["content"]
+        if opened.strip() and content.lstrip().startswith(opened.strip()):
+            generated = content.lstrip()[len(opened.strip()):]
+            if opened.endswith("\n") and generated.startswith("\n"):  # the prompt already wrote that newline
+                generated = generated[1:]
+            text = prompt + generated.rstrip() + end_of_turn
+            return text, len(prompt), len(text)
+        return through, common + found, common + found + len(answer) + len(end_of_turn)
 
     def supervised_examples(self, messages: list[dict], tools: str | None = None) -> tuple[list[tuple[str, list]], list[str]]:
         """[(rendered text, [(start, end) character spans to supervise])] and notes for one conversation.

@@ -64,6 +64,12 @@ class DataCollatorForDFT:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
+            # torch.full would fail on the first batch with "fill_value ... not NoneType".
+            raise ValueError(f"pad_token_id must be a token id, got {self.pad_token_id!r}: give the tokenizer a pad token "
+                             "(train_dft does it with tokenizer_setup.prepare_tokenizer)")
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
