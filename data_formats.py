@@ -184,10 +184,13 @@ def _normalise_message(message: Any, role_key: str, content_key: str) -> dict:
     for placeholder, modality in MULTIMODAL_PLACEHOLDERS.items():
         if placeholder in text:
             raise FormatError(_multimodal_reason(modality))
+    loss = _loss_flag(message)
+    if loss and role != "assistant":
+        raise FormatError(f'"loss": true on a {role} message (only assistant turns are trained)')
     if tool_calls and role != "assistant":
         raise FormatError(f"tool_calls on a {role} message")
     name = message.get("name") if isinstance(message.get("name"), str) else None
-    return _message(role, text, reasoning, tool_calls, name, _loss_flag(message))
+    return _message(role, text, reasoning, tool_calls, name, loss)
 
 
 def _merge_tool_calls(messages: list[dict]) -> list[dict]:

@@ -242,14 +242,16 @@ class ConversationTokenizer:
         joined = "\n".join(texts)
         return next((special for special in self.specials if special in joined), None)
 
-    def _prepare(self, messages: list[dict], tools: str | None) -> tuple[list[dict], list | None, list[str]]:
-        """Normalised messages -> (template messages, tools, notes), or DataError naming what cannot be expressed."""
+    def _prepare(self, messages: list[dict], tools: str | None) -> tuple[list[dict], list | None, list[int], list[str]]:
+        """Normalised messages -> (template messages, tools, indices of the turns to train, notes), or
+        DataError naming what cannot be expressed."""
         special = self._control_token_in(messages, tools)
         if special is not None:
             # Encoded as text, it would become the real control token (e.g. an early end of turn).
             raise DataError(f"content contains the control token text {special!r}")
         abilities, notes = self.abilities, []
         rendered = template_messages(messages)
+        trained = self._trained_turns(messages)
         if any("tool_calls" in m for m in rendered) and not abilities["tool_calls"]:
             raise DataError("chat template cannot express tool calls (use --chat_template chatml or one with tool support)")
         if tools and not abilities["tools"]:
@@ -266,7 +268,8 @@ class ConversationTokenizer:
                 raise DataError("chat template rejects a system role and there is no user turn to fold it into")
             first_user["content"] = f"{system}\n\n{first_user['content']}"
             notes.append(SYSTEM_FOLDED)
-        return rendered, template_tools(tools), notes
+            trained = [index - 1 for index in trained]
+        return rendered, template_tools(tools), trained, notes
 
     def _trained_turns(self, messages: list[dict]) -> list[int]:
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -338,11 +341,11 @@ class ConversationTokenizer:
             DataError: content holds control-token text, the template cannot express the conversation,
                 or its assistant turns cannot be located (see the class doc).
         """
-        rendered, tools_list, notes = self._prepare(messages, tools)
+        rendered, tools_list, trained, notes = self._prepare(messages, tools)
         try:
             full = self.render(rendered, tools=tools_list)
             spans, extra = [], []
-            for index in self._trained_turns(rendered):
+            for index in trained:
                 through, start, end = self._turn_span(rendered, index, tools_list)
                 if full.startswith(through[:end]):
                     spans.append((start, end))

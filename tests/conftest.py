@@ -67,12 +67,19 @@ def real_tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
     return dirs
 
 
-@pytest.fixture
-def real_tokenizer(real_tokenizer_dirs):
-    """load("qwen2.5" | "llama3.2") -> a fresh AutoTokenizer (tests may change it)."""
+@pytest.fixture(scope="session")
+def _real_tokenizers(real_tokenizer_dirs) -> dict:
     from transformers import AutoTokenizer
 
-    return lambda name: AutoTokenizer.from_pretrained(real_tokenizer_dirs[name])
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in real_tokenizer_dirs.items()}
+
+
+@pytest.fixture
+def real_tokenizer(_real_tokenizers):
+    """load("qwen2.5" | "llama3.2") -> a fresh copy of the real tokenizer (tests may change it)."""
+    import copy
+
+    return lambda name: copy.deepcopy(_real_tokenizers[name])
 
 
 def tiny_model_for(tokenizer_dir: str, out_dir: str, tie: bool) -> str:
