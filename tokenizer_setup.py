@@ -83,7 +83,8 @@ def prepare_tokenizer(tokenizer, data_args) -> TokenizerSetup:
 
 def prepare_model(model, tokenizer, setup: TokenizerSetup) -> None:
     """Embeddings sized to the tokenizer, pad id in the config, the end-of-turn token a stop token."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local shape is empty
     if len(tokenizer) > rows:
         # mean_resizing: new rows start at the mean of the old ones (a sane first logit), tied heads follow.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
