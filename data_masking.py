@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +198,9 @@ class ConversationTokenizer:
         self.options = options or MaskingOptions()
         self.render = ChatRenderer(tokenizer, dict(self.options.chat_template_kwargs))
         self.specials = _special_token_strings(tokenizer)
+        # One pass over the text instead of one search per special token (Llama-3 has 256 of them);
+        # longest first, so "<|im_end|>" wins over a shorter token it starts with.
+        self._specials_re = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
         self._abilities: dict | None = None
 
     def __getstate__(self):
@@ -240,7 +244,8 @@ class ConversationTokenizer:
         for message in messages:
             texts += [message["content"], message.get("reasoning_content") or "", message.get("tool_calls") or ""]
         joined = "\n".join(texts)
-        return next((special for special in self.specials if special in joined), None)
+        found = self._specials_re.search(joined) if self._specials_re else None
+        return found.group(0) if found else None
 
     def _prepare(self, messages: list[dict], tools: str | None) -> tuple[list[dict], list | None, list[int], list[str]]:
         """Normalised messages -> (template messages, tools, indices of the turns to train, notes), or
@@ -286,12 +291,8 @@ class ConversationTokenizer:
     def _turn_end(self, segment: str, content_end: int) -> int:
         """End of the supervised part of a turn's generated text: through its last special token (the
         end-of-turn token), or the content's end when the template writes none."""
-        best = 0
-        for special in self.specials:
-            position = segment.rfind(special)
-            if position >= 0:
-                best = max(best, position + len(special))
-        return best if best >= content_end else content_end
+        ends = [found.end() for found in self._specials_re.finditer(segment)] if self._specials_re else []
+        return ends[-1] if ends and ends[-1] >= content_end else content_end
 
     def _turn_span(self, messages: list[dict], index: int, tools) -> tuple[str, int, int]:
         """(text, start, end): the rendering through turn `index` and the characters to supervise in it."""
