@@ -66,7 +66,8 @@ class DataArguments:
 
     data_files: list[str] = field(
         default=None,
-        metadata={"help": "ChatML/ShareGPT data: files (.jsonl, .json, .json(l).gz, .parquet), directories or globs, merged. Required."},
+        metadata={"help": "Data: files (.jsonl, .json, .json(l).gz, .parquet), directories or globs, merged; records in "
+                  "ChatML/OpenAI (tools), ShareGPT, Alpaca or TRL prompt/completion format. Required."},
     )
     eval_data_files: list[str] = field(
         default=None, metadata={"help": "Evaluation files; overrides --validation_split_percentage."}
