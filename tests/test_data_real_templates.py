@@ -162,6 +162,11 @@ def test_no_label_covers_a_header_character(real_tokenizer):
     assert rows[0]["notes"] == HEADER_SPLIT
     assert spans_of(tokenizer, rows[0]) == ["(because) it is</s>"]
     assert tokenizer.decode(rows[0]["input_ids"]) == text  # same text, only cut at the header
+    # Qwen: content starting with "\n" after "assistant\n" ("\n\n" is one token): the header's newline stays unsupervised.
+    qwen = load(real_tokenizer, "qwen2.5")
+    rows, _ = examples(ConversationTokenizer(qwen, 4096), {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\nhello"}]})
+    assert spans_of(qwen, rows[0]) == ["hello<|im_end|>"]
+    assert "<|im_start|>assistant\n\nhello<|im_end|>" in qwen.decode(rows[0]["input_ids"])
 
 
 def test_control_token_text_in_content_is_never_a_control_token(real_tokenizer):
