@@ -116,6 +116,8 @@ class DataArguments:
     def __post_init__(self):
         if not self.data_files:
             raise ValueError("--data_files is required: one or more ChatML JSON/JSONL files.")
+        if self.chat_template and self.chat_template != "chatml" and not os.path.isfile(self.chat_template):
+            raise ValueError(f"--chat_template {self.chat_template}: not a file and not a built-in template (chatml).")
         if self.train_on_turns not in ("all", "last"):
             raise ValueError(f"--train_on_turns must be all or last, got {self.train_on_turns!r}.")
         if self.chat_template_kwargs:
