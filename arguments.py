@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from data_masking import BUILTIN_TEMPLATES
 from dft_loss import check_dft_alpha
 from tracking import normalize_report_to
 
@@ -116,8 +117,8 @@ class DataArguments:
     def __post_init__(self):
         if not self.data_files:
             raise ValueError("--data_files is required: one or more ChatML JSON/JSONL files.")
-        if self.chat_template and self.chat_template != "chatml" and not os.path.isfile(self.chat_template):
-            raise ValueError(f"--chat_template {self.chat_template}: not a file and not a built-in template (chatml).")
+        if self.chat_template and self.chat_template not in BUILTIN_TEMPLATES and not os.path.isfile(self.chat_template):
+            raise ValueError(f"--chat_template {self.chat_template}: not a file and not a built-in template ({', '.join(BUILTIN_TEMPLATES)}).")
         if self.train_on_turns not in ("all", "last"):
             raise ValueError(f"--train_on_turns must be all or last, got {self.train_on_turns!r}.")
         if self.chat_template_kwargs:
