@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from data_masking import BUILTIN_TEMPLATES
+from data_templates import BUILTIN_TEMPLATES
 from dft_loss import check_dft_alpha
 from tracking import normalize_report_to
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from data_files import BrokenLine, DataError, check_data_file, iter_records, resolve_data_files
 from data_formats import FormatOptions, normalize_record
-from data_masking import BUILTIN_TEMPLATES, TRUNCATED_TO_NOTHING, ConversationTokenizer, MaskingOptions, _template_of, ensure_chat_template
+from data_masking import TRUNCATED_TO_NOTHING, ConversationTokenizer, MaskingOptions
+from data_templates import BUILTIN_TEMPLATES, _template_of, ensure_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _features():
     )
 
 
-PIPELINE_MODULES = ("data_files.py", "data_formats.py", "data_masking.py", "data_build.py")
+PIPELINE_MODULES = ("data_files.py", "data_formats.py", "data_templates.py", "data_masking.py", "data_build.py")
 
 
 def _pipeline_code_hash() -> str:

@@ -3,7 +3,8 @@ report helpers. Each concern lives in its own module, re-exported here so caller
 
   data_files    finding and reading data files (resolve_data_files, check_data_file, iter_records)
   data_formats  records -> normalised messages (normalize_record: ChatML/OpenAI, ShareGPT, ...)
-  data_masking  chat template rendering and which tokens are supervised (ConversationTokenizer)
+  data_templates  chat templates: built-in ChatML, --chat_template, rendering (ChatRenderer)
+  data_masking  which tokens are supervised (ConversationTokenizer)
   data_build    build_datasets: read, normalise, tokenise, cache, report
 """
 
@@ -38,19 +39,17 @@ from data_files import (  # noqa: F401
 )
 from data_formats import ROLE_ALIASES, VALID_ROLES, normalize_record, validate_messages  # noqa: F401
 from data_masking import (  # noqa: F401
-    CHATML_TEMPLATE,
     NO_SUPERVISED_TOKEN,
     TOKENISED_COLUMNS,
     TRUNCATED_TO_NOTHING,
-    ChatRenderer,
     ConversationTokenizer,
-    ensure_chat_template,
     format_supervision,
     supervised_char_spans,
     supervision_runs,
     tokenize_batch,
     tokenize_conversation,
 )
+from data_templates import CHATML_TEMPLATE, ChatRenderer, ensure_chat_template  # noqa: F401
 from dft_loss import IGNORE_INDEX
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from data_masking import BUILTIN_CONTROL_TOKENS, ensure_chat_template
+from data_templates import BUILTIN_CONTROL_TOKENS, ensure_chat_template
 
 logger = logging.getLogger("dft.tokenizer")
 

@@ -257,7 +257,7 @@ def test_read_equals_kept_plus_skipped_per_file_and_cache_key_follows_the_render
 
 
 def test_chat_template_option_takes_a_file_or_a_builtin_name(real_tokenizer, tmp_path):
-    from data_masking import CHATML_TEMPLATE, ensure_chat_template
+    from data_templates import CHATML_TEMPLATE, ensure_chat_template
 
     tokenizer = real_tokenizer("qwen2.5")
     assert ensure_chat_template(tokenizer, "chatml") == "chatml" and tokenizer.chat_template == CHATML_TEMPLATE
