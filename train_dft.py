@@ -23,6 +23,7 @@ from dist_logger import is_main_process, setup_logging, use_logging_for_metrics
 from distributed import log_zero3_partition, prepare_process_group
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
 from packing import apply_packing, check_model_for_packing, check_packing_attention
+from tokenizer_setup import prepare_model, prepare_tokenizer
 from tracking import RunRecorder, build_run_config, configure_progress_bars
 
 EXIT_BAD_INPUT = 2
@@ -56,15 +57,14 @@ def load_tokenizer(model_args: ModelArguments):
         raise UsageError(f"--model_name_or_path {path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
 
 
-def load_model(model_args: ModelArguments, training_args: DFTTrainingArguments, tokenizer):
+def load_model(model_args: ModelArguments, training_args: DFTTrainingArguments, tokenizer, setup):
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         dtype=resolve_torch_dtype(model_args, training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
     )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    prepare_model(model, tokenizer, setup)  # embeddings for added control tokens, pad id, stop id
     model.config.use_cache = False  # no KV cache in training; gradient checkpointing warns otherwise
     return model
 
@@ -90,6 +90,7 @@ def run(
     if data_args.packing:
         check_packing(model_args)
     tokenizer = load_tokenizer(model_args)
+    setup = prepare_tokenizer(tokenizer, data_args)  # template, missing control tokens, pad token
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
@@ -101,7 +102,7 @@ def run(
         )
     if is_main_process():
         logger.info("data report (%s):\n%s", write_data_report(data_summary, training_args.output_dir), format_data_report(data_summary))
-    model = apply_lora(load_model(model_args, training_args, tokenizer), lora_args, training_args)
+    model = apply_lora(load_model(model_args, training_args, tokenizer, setup), lora_args, training_args, setup.new_token_ids)
     log_zero3_partition(model)
     if data_args.packing:
         check_packing(model_args, model)

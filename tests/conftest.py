@@ -43,3 +43,56 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def sample_files() -> list[str]:
     return list(SAMPLE_FILES)
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+TEMPLATES = FIXTURES / "templates"
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
+    """The real Qwen2.5 (152K) and Llama-3.2 (128K) tokenizers, decompressed from tests/fixtures/tokenizers
+    (built by scripts/make_tokenizer_fixtures.py): {"qwen2.5": dir, "llama3.2": dir}."""
+    import lzma
+    import shutil
+
+    dirs = {}
+    for source in sorted((FIXTURES / "tokenizers").iterdir()):
+        out = tmp_path_factory.mktemp(source.name)
+        with lzma.open(source / "tokenizer.json.xz", "rb") as f:
+            (out / "tokenizer.json").write_bytes(f.read())
+        for name in ("tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(source / name, out / name)
+        dirs[source.name] = str(out)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def _real_tokenizers(real_tokenizer_dirs) -> dict:
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in real_tokenizer_dirs.items()}
+
+
+@pytest.fixture
+def real_tokenizer(_real_tokenizers):
+    """load("qwen2.5" | "llama3.2") -> a fresh copy of the real tokenizer (tests may change it)."""
+    import copy
+
+    return lambda name: copy.deepcopy(_real_tokenizers[name])
+
+
+def tiny_model_for(tokenizer_dir: str, out_dir: str, tie: bool) -> str:
+    """A random-init 2-layer Llama of the tokenizer's vocabulary next to a copy of the tokenizer (for train_dft)."""
+    import shutil
+
+    import transformers
+
+    shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie,
+                                      eos_token_id=tokenizer.eos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
