@@ -110,7 +110,8 @@ def run(
     model = apply_lora(load_model(model_args, training_args, tokenizer), lora_args, training_args)
     log_zero3_partition(model)
     if data_args.packing:
-        check_packing(model_args, model)
+        # Under LoRA the forward that builds the packed mask is the base model's (peft passes position_ids on).
+        check_packing(model_args, model.get_base_model() if lora_args.use_lora else model)
     trainer = DFTTrainer(
         model=model,
         args=training_args,
