@@ -27,6 +27,7 @@ from transformers import Trainer
 from dft_loss import IGNORE_INDEX, STAT_FIELDS, LossSpec, dft_loss_from_logits, metrics_from_stats
 from dft_loss_chunked import dft_loss_chunked, resolve_loss_impl, unwrap
 from dft_reference import ReferenceModel
+from eval_trainer import check_compute_metrics, generation_only_init, run_generation_eval, run_generation_only_eval
 
 
 def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | None:
@@ -38,10 +39,17 @@ def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | Non
 
 class DFTTrainer(Trainer):
     """Trainer with the DFT loss family. Reads the loss flags (`args.loss_spec()`), `loss_impl` and
-    `loss_chunk_size` from its args."""
+    `loss_chunk_size` from its args.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    `generation_evaluator` (eval_generation.GenerationEvaluator): scored generation at every evaluation,
+    its metrics joining the evaluation's (see eval_trainer.py); without an eval dataset, evaluation is
+    generation only.
+    """
+
+    def __init__(self, *args, generation_evaluator=None, **kwargs):
+        self.generation_evaluator = generation_evaluator
+        with generation_only_init(kwargs.get("args"), generation_evaluator, kwargs.get("eval_dataset")):
+            super().__init__(*args, **kwargs)
         # compute_loss below returns a loss normalised by the step's token count.
         self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = True
@@ -52,6 +60,7 @@ class DFTTrainer(Trainer):
         self.loss_impl = resolve_loss_impl(
             self.args.loss_impl, self.accelerator.unwrap_model(self.model), n_gpu=self.args.n_gpu, fp16=self.args.fp16
         )
+        check_compute_metrics(self.compute_metrics, self.args.prediction_loss_only, self.loss_impl)
         # Autocast wraps only the model's forward; the chunked LM head runs in the same 16-bit dtype.
         self._head_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         self.reference: ReferenceModel | None = None
@@ -164,7 +173,17 @@ class DFTTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._eval_prefix = metric_key_prefix
         self._stat_sums["eval"] = None
+        if self.generation_evaluator is not None and eval_dataset is None and self.eval_dataset is None:
+            return run_generation_only_eval(self, metric_key_prefix)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.generation_evaluator is not None and description == "Evaluation":
+            # Here, not in evaluate(): the model is prepared (DeepSpeed inference engine) and the metrics
+            # still reach log(), the callbacks and metric_for_best_model with the loss metrics.
+            output.metrics.update(run_generation_eval(self, metric_key_prefix))
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         prefix = self._eval_prefix
@@ -177,10 +196,24 @@ class DFTTrainer(Trainer):
             logs.update(metrics)
             logs["dft_alpha"] = float(self.dft_alpha_in_force)
         elif f"{prefix}_loss" in logs:  # the end of an evaluation
-            metrics = metrics_from_stats(self._reduce_stats("eval"), prefix=f"{prefix}_", anchored=anchored)
-            if metrics:
-                # Token-weighted over the whole eval set, not a mean of per-batch means.
-                logs[f"{prefix}_loss"] = metrics.pop(f"{prefix}_dft_loss")
-                logs.update(metrics)
-                logs[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_ce_loss"], 700.0))
+            self._add_eval_metrics(logs, prefix)
         super().log(logs, start_time)
+
+    def _add_eval_metrics(self, logs: dict[str, float], prefix: str) -> None:
+        """Replaces Trainer's per-batch-mean loss with the token-weighted DFT metrics of the eval sums."""
+        metrics = metrics_from_stats(self._reduce_stats("eval"), prefix=f"{prefix}_", anchored=self.reference is not None)
+        if metrics:
+            # Token-weighted over the whole eval set, not a mean of per-batch means.
+            logs[f"{prefix}_loss"] = metrics.pop(f"{prefix}_dft_loss")
+            logs.update(metrics)
+            logs[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_ce_loss"], 700.0))
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """Trainer.predict never calls log(): flush the eval sums into its metrics here, as evaluate() does."""
+        self._stat_sums["eval"] = None
+        output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if f"{metric_key_prefix}_loss" in output.metrics:
+            self._add_eval_metrics(output.metrics, metric_key_prefix)
+        else:
+            self._stat_sums["eval"] = None  # no labels: nothing to report, nothing left for the next evaluate()
+        return output

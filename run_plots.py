@@ -34,6 +34,7 @@ PANELS = (
     ("predictive entropy (supervised tokens)", "entropy", "eval_entropy", "nats / token"),
     ("share of tokens with p < 0.1", "low_p_share", "eval_low_p_share", "share"),
     ("anchor KL to the starting model (asft)", "anchor_kl", "eval_anchor_kl", "nats / token"),
+    ("generation accuracy (eval)", None, "eval_gen_accuracy", "accuracy"),
 )
 PANEL_COLUMNS = 3
 
@@ -51,15 +52,17 @@ def _series(log_history: list[dict], key: str, need_train_entry: bool) -> tuple[
 
 
 def plot_runs(runs: list[RunCurves], out_path: str, title: str, dpi: int = 100) -> str:
-    """Draws every run's curves on one figure, 3 panels a row (train: lines; eval: dashed with markers). Headless."""
+    """Draws every run's curves on one figure, PANEL_COLUMNS panels a row (train: lines; eval: dashed with markers). Headless."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     rows = math.ceil(len(PANELS) / PANEL_COLUMNS)
-    figure = Figure(figsize=(15, 4.2 * rows), dpi=dpi, layout="constrained")  # 1500 x 420 px a row at dpi 100
+    figure = Figure(figsize=(15, 4.2 * rows), dpi=dpi, layout="constrained")  # 1500 x 420 px per row at dpi 100
     FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, PANEL_COLUMNS)
+    axes = figure.subplots(rows, PANEL_COLUMNS, squeeze=False)
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
     colors = [f"C{i}" for i in range(10)]
     for ax, (panel_title, train_key, eval_key, ylabel) in zip(axes.flat, PANELS):
         drawn = False
@@ -67,7 +70,7 @@ def plot_runs(runs: list[RunCurves], out_path: str, title: str, dpi: int = 100) 
             color = colors[index % len(colors)]
             # One run: its name is in the title, the legend only says train / eval.
             prefix = f"{run.label} " if len(runs) > 1 else ""
-            steps, values = _series(run.log_history, train_key, need_train_entry=True)
+            steps, values = _series(run.log_history, train_key, need_train_entry=True) if train_key else ([], [])
             if steps:
                 ax.plot(steps, values, color=color, linewidth=1.6, label=f"{prefix}train")
                 drawn = True

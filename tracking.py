@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import socket
 import subprocess
@@ -60,7 +61,10 @@ EVAL_GOALS = {
     "eval_perplexity": min,
     "eval_avg_p_correct": max,
     "eval_token_accuracy": max,
+    "eval_gen_accuracy": max,
+    "eval_gen_finished": max,
 }
+EVAL_GEN_HIGHER_IS_BETTER = re.compile(r"eval_gen_(\w+_accuracy|pass@\d+)")
 
 
 # ---- run configuration ---------------------------------------------------------------------------
@@ -199,7 +203,9 @@ def run_name(training_args) -> str:
     return training_args.run_name or os.path.basename(os.path.normpath(training_args.output_dir))
 
 
-def build_run_config(model_args, data_args, training_args, data_summary=None, train_dataset=None, eval_dataset=None) -> dict:
+def build_run_config(
+    model_args, data_args, training_args, data_summary=None, train_dataset=None, eval_dataset=None, generation_args=None
+) -> dict:
     """Everything needed to know, weeks later, what produced an output directory."""
     return {
         "run_name": run_name(training_args),
@@ -213,6 +219,7 @@ def build_run_config(model_args, data_args, training_args, data_summary=None, tr
             "model": _plain(dataclasses.asdict(model_args)),
             "data": _plain(dataclasses.asdict(data_args)),
             "training": _plain(training_args.to_dict()),  # to_dict() redacts tokens
+            **({"generation": _plain(dataclasses.asdict(generation_args))} if generation_args is not None else {}),
         },
     }
 
@@ -380,7 +387,11 @@ def train_log_entries(log_history: list[dict]) -> list[dict]:
 def best_eval_metrics(log_history: list[dict]) -> dict[str, dict[str, float]]:
     """For each eval metric, its best value over the run and the step it was reached at."""
     best: dict[str, dict[str, float]] = {}
-    for name, goal in EVAL_GOALS.items():
+    goals = dict(EVAL_GOALS)
+    # Per-file generation accuracy and pass@k (names depend on the run): higher is better.
+    for entry in log_history:
+        goals.update({key: max for key in entry if EVAL_GEN_HIGHER_IS_BETTER.fullmatch(key)})
+    for name, goal in goals.items():
         points = [(entry[name], entry.get("step", 0)) for entry in log_history if isinstance(entry.get(name), (int, float))]
         if points:
             value, step = goal(points, key=lambda point: point[0])

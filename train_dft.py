@@ -19,6 +19,7 @@ from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resol
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
 from dft_trainer import DFTTrainer
 from checkpoints import EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, prepare_resume
+from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics
 from distributed import log_zero3_partition, prepare_process_group
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
@@ -34,7 +35,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, DFTTrainingArguments, LoraArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, DFTTrainingArguments, LoraArguments, GenerationEvalArguments))
     argv = sys.argv[1:] if argv is None else argv
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
@@ -80,21 +81,26 @@ def check_packing(model_args: ModelArguments, model=None) -> None:
 
 
 def run(
-    model_args: ModelArguments, data_args: DataArguments, training_args: DFTTrainingArguments, lora_args: LoraArguments | None = None
+    model_args: ModelArguments, data_args: DataArguments, training_args: DFTTrainingArguments, lora_args: LoraArguments | None = None,
+    gen_args: GenerationEvalArguments | None = None,
 ) -> dict:
     lora_args = lora_args or LoraArguments()
+    gen_args = gen_args or GenerationEvalArguments()
     logger = setup_logging(training_args.logging_dir if is_main_process() else None)
     started = time.time()
     set_seed(training_args.seed)
     configure_progress_bars(training_args)
     if data_args.packing:
         check_packing(model_args)
+    # A bad generation file stops the run before any data or model work.
+    prompts = read_generation_files(gen_args.eval_generation_files, gen_args.eval_generation_max_prompts) if gen_args.eval_generation_files else None
     tokenizer = load_tokenizer(model_args)
     setup = prepare_tokenizer(tokenizer, data_args)  # template, missing control tokens, pad token
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
     data_collator = DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id)
+    generation_evaluator = GenerationEvaluator(gen_args, tokenizer, prompts) if prompts else None
     if data_args.packing:
         train_dataset, eval_dataset, data_collator, data_summary["packing"] = apply_packing(
             train_dataset, eval_dataset, data_args.max_length, model_args.attn_implementation, tokenizer.pad_token_id,
@@ -105,7 +111,8 @@ def run(
     model = apply_lora(load_model(model_args, training_args, tokenizer, setup), lora_args, training_args, setup.new_token_ids)
     log_zero3_partition(model)
     if data_args.packing:
-        check_packing(model_args, model)
+        # Under LoRA the forward that builds the packed mask is the base model's (peft passes position_ids on).
+        check_packing(model_args, model.get_base_model() if lora_args.use_lora else model)
     trainer = DFTTrainer(
         model=model,
         args=training_args,
@@ -114,16 +121,19 @@ def run(
         processing_class=tokenizer,
         data_collator=data_collator,
         callbacks=lora_callbacks(lora_args),
+        generation_evaluator=generation_evaluator,
     )
     use_logging_for_metrics(trainer)
     stop = add_checkpoint_callbacks(trainer)
     logger.info("loss: %s, loss_impl=%s", training_args.loss_spec(), trainer.loss_impl)
-    run_config = build_run_config(model_args, data_args, training_args, data_summary, train_dataset, eval_dataset)
+    run_config = build_run_config(model_args, data_args, training_args, data_summary, train_dataset, eval_dataset, gen_args)
     recorder = RunRecorder.start(trainer, run_config, started)
     train_output = trainer.train(resume_from_checkpoint=prepare_resume(training_args))
     if stop.stopped:
         logger.warning("stopped by SIGTERM at step %d; continue with --resume_from_checkpoint latest", trainer.state.global_step)
         sys.exit(EXIT_STOPPED_BY_SIGTERM)
+    if generation_evaluator is not None and training_args.eval_strategy == "no":
+        trainer.evaluate()  # no evaluation during training: score the trained model once
     trainer.save_model(training_args.output_dir)
     if lora_args.merge_lora_on_save:  # collective under ZeRO-3: every rank calls it
         save_merged_model(trainer.model, training_args.output_dir, tokenizer, on_this_rank=training_args.should_save)
@@ -134,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     try:
         prepare_process_group(argv)  # DeepSpeed on CPU: before TrainingArguments (see distributed.py)
-        model_args, data_args, training_args, lora_args = parse_args(argv)
-        return run(model_args, data_args, training_args, lora_args)
-    except (UsageError, DataError, LoraConfigError, CheckpointError) as err:
+        model_args, data_args, training_args, lora_args, gen_args = parse_args(argv)
+        return run(model_args, data_args, training_args, lora_args, gen_args)
+    except (UsageError, DataError, LoraConfigError, CheckpointError, GenerationFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 

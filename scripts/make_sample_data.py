@@ -1,6 +1,6 @@
 """Writes the bundled sample ChatML conversations (deterministic, offline).
 
-    python scripts/make_sample_data.py [OUT_DIR]      # default: data/sample
+    python scripts/make_sample_data.py [OUT_DIR [EVAL_DIR]]   # default: data/sample data/sample_eval
 
 Two files whose extra fields differ, as real data gathered from several tools does:
   - chat_en.jsonl: English, single- and multi-turn, some with a system prompt; extra fields
@@ -9,6 +9,10 @@ Two files whose extra fields differ, as real data gathered from several tools do
     per-message `name` on some turns.
 The conversations follow small patterns (arithmetic, capitals, colours, greetings, counting) so a
 tiny model visibly learns them within a CPU demo.
+
+And a generation set, EVAL_DIR/questions.jsonl (`--eval_generation_files`, `--eval_answer_match contains`):
+single questions in the conversations' patterns (capitals, colours, counting) with the reference
+answer, outside the training files. The demo scores the model on it before and after training.
 """
 
 from __future__ import annotations
@@ -67,7 +71,16 @@ def conversation(rng: random.Random, turn_fn, systems: list[str]) -> list[dict]:
     return messages
 
 
-def main(out_dir: str = "data/sample") -> None:
+def generation_questions() -> list[dict]:
+    """The demo's generation set: one question per fact, the answer as `contains` checks it."""
+    questions = [{"prompt": f"What is the capital of {country}?", "answer": city} for country, city in CAPITALS]
+    questions += [{"prompt": f"What colour is {thing}?", "answer": colour} for thing, colour in COLOURS]
+    # The whole sequence with its final period, so "1, 2, 3, 4, 5." does not pass for "1, 2, 3, 4.".
+    questions += [{"prompt": f"Count from 1 to {n}.", "answer": ", ".join(str(i) for i in range(1, n + 1)) + "."} for n in range(2, 6)]
+    return questions
+
+
+def main(out_dir: str = "data/sample", eval_dir: str = "data/sample_eval") -> None:
     rng = random.Random(1234)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,8 +96,12 @@ def main(out_dir: str = "data/sample") -> None:
         records.append({"uid": f"zh-{i:04d}", "tags": ["zh", "synthetic"], "messages": messages})
     with open(out / "chat_zh.json", "w", encoding="utf-8") as f:
         json.dump(records, f, ensure_ascii=False, indent=1)
-    print(f"wrote 200 + 120 conversations to {out}/")
+    questions = generation_questions()
+    Path(eval_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(eval_dir) / "questions.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in questions)
+    print(f"wrote 200 + 120 conversations to {out}/ and {len(questions)} generation questions to {eval_dir}/")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*sys.argv[1:3])

@@ -58,7 +58,9 @@ if [ "$MODEL" = "assets/tiny-qwen2" ]; then
   # Demo settings for the tiny model; any of them can be overridden by extra arguments.
   ARGS+=(--num_train_epochs 3 --per_device_train_batch_size 8 --learning_rate 2e-3 --lr_scheduler_type cosine
          --warmup_ratio 0.05 --logging_steps 10 --save_strategy no --report_to none --max_length 512
-         --validation_split_percentage 10 --eval_strategy epoch)
+         --validation_split_percentage 10 --eval_strategy epoch
+         --eval_generation_files data/sample_eval/questions.jsonl --eval_answer_match contains
+         --eval_generation_max_new_tokens 24 --eval_on_start True)
 fi
 # Without a terminal (nohup, pipes) keep progress to log lines instead of redrawn bars.
 if [ ! -t 1 ]; then ARGS+=(--disable_tqdm True); fi

@@ -235,7 +235,7 @@ def test_liger_flag_keeps_only_loss_free_kernels():
 
 def test_every_flag_users_launch_with_is_accepted(tmp_path, tiny_model_dir, sample_files):
     """The flags of existing launch scripts (issue #2's list) parse, with their meaning."""
-    model_args, data_args, training_args, _ = train_dft.parse_args([
+    model_args, data_args, training_args, *_ = train_dft.parse_args([
         "--model_name_or_path", tiny_model_dir, "--torch_dtype", "float32", "--attn_implementation", "sdpa",
         "--trust_remote_code", "False", "--data_files", *sample_files, "--max_length", "1024",
         "--preprocessing_num_workers", "2", "--validation_split_percentage", "5", "--enable_gradient_checkpointing", "True",

@@ -1,0 +1,146 @@
+"""Scores any model with the code training evaluates with: a base model, a checkpoint or a LoRA adapter.
+
+    python scripts/evaluate.py --model_name_or_path M [--adapter DIR] --eval_generation_files q.jsonl \
+        [--eval_data_files chat.jsonl] --output_dir DIR [--eval_answer_match math] [generation flags]
+
+Generation accuracy (`eval_gen_*`, see eval_generation.py) on the prompt files and, with
+--eval_data_files, the loss metrics on those conversations (eval_loss, eval_ce_loss, eval_avg_p_correct,
+eval_token_accuracy, eval_perplexity), under the names training logs them. Prints a table and writes
+DIR/eval_results.json and every generation to DIR/generations/step-0.jsonl. This is how a comparison
+gets its base-model row. Exit code 2 with one line on a bad flag or file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed  # noqa: E402
+
+from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype  # noqa: E402
+from data_utils import DataCollatorForDFT, DataError, build_datasets, ensure_chat_template  # noqa: E402
+from dft_trainer import DFTTrainer  # noqa: E402
+from dist_logger import is_main_process, setup_logging, use_logging_for_metrics  # noqa: E402
+from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError  # noqa: E402
+from eval_trainer import generations_path  # noqa: E402
+from train_dft import UsageError, load_tokenizer  # noqa: E402  (the same loading and error lines as training)
+
+EXIT_BAD_INPUT = 2
+RESULTS_FILE = "eval_results.json"
+
+
+@dataclass
+class EvaluateArguments:
+    """What to score and where the results go (the model itself: --model_name_or_path and friends)."""
+
+    output_dir: str = field(default=None, metadata={"help": "Directory for eval_results.json and generations/. Required."})
+    adapter: str = field(
+        default=None, metadata={"help": "A LoRA adapter directory (adapter_config.json) to apply on --model_name_or_path."}
+    )
+    eval_data_files: list[str] = field(
+        default=None, metadata={"help": "Conversation files (as --data_files takes) for the loss metrics; optional."}
+    )
+    max_length: int = field(default=2048, metadata={"help": "Tokens per conversation of --eval_data_files."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Conversations per loss batch."})
+    dft_alpha: float = field(default=1.0, metadata={"help": "dft_alpha of the reported eval_loss (ce_loss does not depend on it)."})
+    seed: int = field(default=42, metadata={"help": "Seed for sampled generation."})
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("--output_dir is required.")
+        if self.adapter and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
+            raise ValueError(f"--adapter {self.adapter}: no adapter_config.json there; give a LoRA output or checkpoint directory.")
+
+
+def load_eval_tokenizer(model_args: ModelArguments, eval_args: EvaluateArguments):
+    """The adapter's run directory's tokenizer when it has one (the one it trained with), else the model's."""
+    source = model_args
+    if eval_args.adapter and os.path.isfile(os.path.join(eval_args.adapter, "tokenizer_config.json")):
+        source = ModelArguments(model_name_or_path=eval_args.adapter, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = load_tokenizer(source)
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_eval_model(model_args: ModelArguments, eval_args: EvaluateArguments, training_args, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, dtype=resolve_torch_dtype(model_args, training_args),
+        attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if eval_args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, eval_args.adapter)
+    return model.eval()
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}" for key, value in metrics.items())
+
+
+def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args: GenerationEvalArguments) -> dict:
+    logger = setup_logging(os.path.join(eval_args.output_dir, "logs") if is_main_process() else None, "evaluate.log")
+    if not gen_args.eval_generation_files and not eval_args.eval_data_files:
+        raise GenerationFileError("nothing to evaluate: give --eval_generation_files and/or --eval_data_files")
+    set_seed(eval_args.seed)
+    training_args = DFTTrainingArguments(
+        output_dir=eval_args.output_dir, per_device_eval_batch_size=eval_args.per_device_eval_batch_size, report_to="none",
+        dft_alpha=eval_args.dft_alpha, seed=eval_args.seed, disable_tqdm=True,
+    )
+    transformers.logging.set_verbosity_warning()  # the table is the output, not the loading chatter
+    tokenizer = load_eval_tokenizer(model_args, eval_args)
+    # Bad files stop the run before the model loads.
+    evaluator = GenerationEvaluator(gen_args, tokenizer) if gen_args.eval_generation_files else None
+    eval_dataset = None
+    if eval_args.eval_data_files:
+        data_args = DataArguments(data_files=eval_args.eval_data_files, max_length=eval_args.max_length)
+        # The files are read as training files would be; that dataset is what gets scored.
+        eval_dataset, _, _ = build_datasets(data_args, tokenizer, training_args)
+    model = load_eval_model(model_args, eval_args, training_args, tokenizer)
+    trainer = DFTTrainer(
+        model=model, args=training_args, eval_dataset=eval_dataset, processing_class=tokenizer,
+        data_collator=DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id), generation_evaluator=evaluator,
+    )
+    use_logging_for_metrics(trainer)
+    metrics = trainer.evaluate()
+    results = {
+        "model_name_or_path": model_args.model_name_or_path,
+        "adapter": eval_args.adapter,
+        "eval_generation_files": gen_args.eval_generation_files,
+        "eval_answer_match": gen_args.eval_answer_match,
+        "eval_data_files": eval_args.eval_data_files,
+        "metrics": metrics,
+        "generations": generations_path(eval_args.output_dir, 0) if evaluator is not None else None,
+    }
+    if trainer.is_world_process_zero():
+        os.makedirs(eval_args.output_dir, exist_ok=True)
+        with open(os.path.join(eval_args.output_dir, RESULTS_FILE), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        label = model_args.model_name_or_path + (f" + {eval_args.adapter}" if eval_args.adapter else "")
+        shown = {k: v for k, v in metrics.items() if k.startswith("eval_") and not k.endswith(("_per_second", "_runtime", "_preparation_time"))}
+        print(f"\n{label}\n{format_table(shown)}\nwrote {os.path.join(eval_args.output_dir, RESULTS_FILE)}", flush=True)
+        logger.info("evaluation results in %s", os.path.join(eval_args.output_dir, RESULTS_FILE))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, EvaluateArguments, GenerationEvalArguments), description=__doc__)
+    try:
+        model_args, eval_args, gen_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+        return evaluate(model_args, eval_args, gen_args)
+    except (ValueError, OSError, UsageError) as err:  # flags (__post_init__), DataError, GenerationFileError
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()
