@@ -46,7 +46,12 @@ elif nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
   "$PY" "${PIP[@]}" "torch==$TORCH_VERSION"
 else
   echo "setup: installing torch==$TORCH_VERSION (CPU build: no NVIDIA GPU visible)"
-  "$PY" "${PIP[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
+  # torch alone from the CPU index, then its dependencies from the usual index (the CPU index is
+  # asked about one package only: where it cannot be reached, that costs seconds, not minutes).
+  if ! "$PY" "${PIP[@]}" --no-deps "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"; then
+    echo "setup: $TORCH_CPU_INDEX did not answer; installing the default torch build instead"
+  fi
+  "$PY" "${PIP[@]}" "torch==$TORCH_VERSION"
 fi
 echo "setup: installing requirements.txt"
 "$PY" "${PIP[@]}" -r requirements.txt
