@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import (
-    COMPLETE_MARKER, CheckpointError, check_output_dir, file_owner, mark_complete, read_manifest,
-    resolve_resume_checkpoint, prepare_resume, verify_checkpoint,
-)
+from checkpoint_manifest import COMPLETE_MARKER, file_owner, mark_complete, read_manifest, verify_checkpoint
+from checkpoints import CheckpointError, check_output_dir, prepare_resume, resolve_resume_checkpoint
 from dist_helpers import ROOT, SGD_ARGS, child_env, write_small_data
 
 STEPS = 3
