@@ -175,3 +175,43 @@ def mark_complete(checkpoint_dir: str, step: int) -> None:
         write_marker(checkpoint_dir, step, files)
         logger.info("checkpoint complete: %s (%d files, %.1f MiB)", checkpoint_dir, len(files),
                     sum(entry["size"] for entry in files.values()) / 2**20)
+
+
+def describe(checkpoint_dir: str) -> str:
+    """One line on a checkpoint: intact (with its size), incomplete, or what is damaged."""
+    if not is_complete(checkpoint_dir):
+        return f"{checkpoint_dir}: incomplete (no {COMPLETE_MARKER}: half-written, or saved without this project)"
+    manifest = read_manifest(checkpoint_dir)
+    if manifest is None:
+        return f"{checkpoint_dir}: complete (its {COMPLETE_MARKER} lists no files to verify)"
+    problem = verify_checkpoint(checkpoint_dir)
+    if problem:
+        return f"{checkpoint_dir}: DAMAGED, {problem}"
+    size = sum(entry["size"] for entry in manifest["files"].values())
+    return f"{checkpoint_dir}: intact ({len(manifest['files'])} files, {size / 2**20:.1f} MiB verified)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python checkpoint_manifest.py OUTPUT_DIR_OR_CHECKPOINT...: one line per checkpoint; exit 1 if any
+    is damaged."""
+    import sys
+
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python checkpoint_manifest.py OUTPUT_DIR_OR_CHECKPOINT...", file=sys.stderr)
+        return 2
+    damaged = False
+    for path in paths:
+        checkpoints = [path] if os.path.basename(os.path.normpath(path)).startswith("checkpoint-") else sorted(
+            (os.path.join(path, name) for name in os.listdir(path) if re.fullmatch(r"checkpoint-\d+", name)),
+            key=lambda p: int(p.rsplit("-", 1)[1]),
+        )
+        for checkpoint in checkpoints:
+            line = describe(checkpoint)
+            damaged |= ": DAMAGED, " in line
+            print(line)
+    return 1 if damaged else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -101,6 +101,20 @@ def test_a_marker_without_manifest_still_counts_as_complete(tmp_path):
     assert resolve_resume_checkpoint("latest", str(tmp_path)) == str(path)
 
 
+def test_checking_checkpoints_by_hand(tmp_path, capsys):
+    import checkpoint_manifest
+
+    fake_checkpoint(tmp_path, 2)
+    flip_a_byte(fake_checkpoint(tmp_path, 10) / "trainer_state.json")
+    (tmp_path / "checkpoint-12").mkdir()
+    assert checkpoint_manifest.main([str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{tmp_path / 'checkpoint-2'}: intact (3 files, 0.0 MiB verified)"
+    assert lines[1].startswith(f"{tmp_path / 'checkpoint-10'}: DAMAGED, {tmp_path / 'checkpoint-10' / 'trainer_state.json'} is damaged")
+    assert lines[2].startswith(f"{tmp_path / 'checkpoint-12'}: incomplete")
+    assert checkpoint_manifest.main([str(tmp_path / "checkpoint-2")]) == 0
+
+
 # ---- unit: output directories ---------------------------------------------------------------------------
 def test_output_dir_that_is_a_file(tmp_path):
     a_file = tmp_path / "out"
