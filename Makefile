@@ -19,8 +19,8 @@ else
   BIN := $(abspath $(VENV))/bin
   VENV_TO_CREATE := $(VENV)
 endif
-# The environment's bin first, so train.sh and the tests find its torchrun and deepspeed launchers.
-RUN := PATH="$(BIN):$$PATH" PYTHON="$(PY)"
+# The environment's bin first, so train.sh and the tests find its python, torchrun and deepspeed.
+RUN := PATH="$(BIN):$$PATH"
 
 .PHONY: help env demo test test-unit clean
 help:  ## list the targets
@@ -32,14 +32,14 @@ env:  ## create or update the environment: .venv (or PYTHON=..., or the activate
 # One OpenMP thread unless told otherwise: the tiny model gains nothing from more, and on a busy 2-core
 # machine two threads per process made the demo 30 times slower (151 s instead of 20 s).
 demo: env  ## fine-tune the bundled tiny model on the sample data (scripts/train.sh; ARGS="..." passes flags)
-	$(RUN) OMP_NUM_THREADS="$${OMP_NUM_THREADS:-1}" bash scripts/train.sh $(ARGS)
+	$(RUN) PYTHON="$(PY)" OMP_NUM_THREADS="$${OMP_NUM_THREADS:-1}" bash scripts/train.sh $(ARGS)
 
 test: env  ## the whole test suite, as README says: python -m pytest -q (PYTEST_ARGS="..." adds options)
-	@$(RUN) $(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	@$(RUN) env -u PYTHON $(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
 	  if [ -n "$(PYTEST_STATUS_FILE)" ]; then echo $$status > "$(PYTEST_STATUS_FILE)"; fi; exit $$status
 
-test-unit: env  ## the unit tier only (no training runs, no processes): seconds
-	$(RUN) $(PY) -m pytest -q -m "not integration and not distributed" $(PYTEST_ARGS)
+test-unit: env  ## the tests marked neither integration nor distributed (no multi-process runs)
+	$(RUN) env -u PYTHON $(PY) -m pytest -q -m "not integration and not distributed" $(PYTEST_ARGS)
 
 clean:  ## remove outputs/ (the demo's runs); rm -rf .venv removes the environment
 	rm -rf outputs
