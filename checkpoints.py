@@ -110,7 +110,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
             logger.warning("ignoring incomplete (half-written) checkpoints: %s", ", ".join(skipped))
         chosen = latest_verified_checkpoint(output_dir)
         if chosen is None:
-            logger.info("--resume_from_checkpoint latest: no complete checkpoint in %s, starting from scratch", output_dir)
+            logger.info("--resume_from_checkpoint latest: no complete, intact checkpoint in %s, starting from scratch", output_dir)
         else:
             logger.info("--resume_from_checkpoint latest: resuming from %s", chosen)
         return chosen
@@ -129,17 +129,28 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
 
 
 def remove_checkpoints_after(output_dir: str, resume_dir: str | None) -> None:
-    """Deletes the checkpoints newer than the one `latest` resumed from (rank 0 only): each is
-    half-written or failed verification, and the resumed run writes those steps again.
+    """Clears the checkpoints newer than the one `latest` resumed from (rank 0 only), since the resumed
+    run writes those steps again: half-written ones are deleted; damaged ones (complete, but failing
+    verification) are moved aside to `damaged-checkpoint-N`, never deleted, in case the difference was
+    a hand edit.
 
-    Removing them first keeps stale files (say, a ZeRO shard of a rank that had finished) out of the
+    Clearing them first keeps stale files (say, a ZeRO shard of a rank that had finished) out of the
     new checkpoint, and keeps save_total_limit's rotation from counting them.
     """
     resume_step = int(CHECKPOINT_PATTERN.match(os.path.basename(resume_dir)).group(1)) if resume_dir else -1
     for step, path in list_checkpoints(output_dir):
-        if step > resume_step:
-            logger.warning("removing %s checkpoint %s", "damaged" if is_complete(path) else "half-written", path)
+        if step <= resume_step:
+            continue
+        if not is_complete(path):
+            logger.warning("removing half-written checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
+            continue
+        aside = os.path.join(output_dir, f"damaged-checkpoint-{step}")
+        suffix = 1
+        while os.path.exists(aside):
+            aside, suffix = os.path.join(output_dir, f"damaged-checkpoint-{step}.{suffix}"), suffix + 1
+        os.rename(path, aside)
+        logger.warning("moved damaged checkpoint %s aside to %s (delete it when you have looked)", path, aside)
 
 
 def _barrier() -> None:

@@ -76,12 +76,16 @@ def test_latest_skips_a_damaged_checkpoint_naming_the_file(tmp_path, caplog, dam
     assert f"{shard}" in caplog.text and expected in caplog.text
 
 
-def test_latest_removes_the_damaged_checkpoints_it_skipped(tmp_path):
+def test_latest_moves_the_damaged_checkpoints_it_skipped_aside(tmp_path):
     fake_checkpoint(tmp_path, 2)
     flip_a_byte(fake_checkpoint(tmp_path, 4) / "model.safetensors")
     args = type("Args", (), {"resume_from_checkpoint": "latest", "output_dir": str(tmp_path), "process_index": 0})()
     assert prepare_resume(args) == str(tmp_path / "checkpoint-2")
     assert not (tmp_path / "checkpoint-4").exists(), "the resumed run writes step 4 again: no stale files"
+    assert (tmp_path / "damaged-checkpoint-4" / "model.safetensors").is_file(), "kept for a look, out of the rotation"
+    flip_a_byte(fake_checkpoint(tmp_path, 4) / "model.safetensors")  # damaged again after the resumed run
+    assert prepare_resume(args) == str(tmp_path / "checkpoint-2")
+    assert (tmp_path / "damaged-checkpoint-4.1").is_dir()
 
 
 def test_explicit_damaged_checkpoint_is_one_line(tmp_path):
