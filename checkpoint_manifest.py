@@ -36,7 +36,7 @@ def is_complete(checkpoint_dir: str) -> bool:
     return os.path.isfile(os.path.join(checkpoint_dir, COMPLETE_MARKER))
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -129,7 +129,7 @@ def verify_checkpoint(checkpoint_dir: str) -> str | None:
     ("DIR/model.safetensors is damaged: ..."). Under a process group every rank checks the files it owns
     and all get the same answer (call it on every rank)."""
     manifest = read_manifest(checkpoint_dir)
-    rank, world_size = _rank_and_world()
+    rank, world_size = rank_and_world()
     started, checked_bytes = time.perf_counter(), 0
     problem = None
     if manifest is not None and manifest.get("checksum") == CHECKSUM:
@@ -167,7 +167,7 @@ def write_marker(checkpoint_dir: str, step: int, files: dict[str, dict] | None =
 def mark_complete(checkpoint_dir: str, step: int) -> None:
     """Called by every rank once all have written `checkpoint_dir`: each hashes and fsyncs its own
     files, rank 0 writes the marker with all of them. Collective under a process group."""
-    rank, world_size = _rank_and_world()
+    rank, world_size = rank_and_world()
     part = manifest_part(checkpoint_dir, rank, world_size) if os.path.isdir(checkpoint_dir) else {}
     parts = _gather(part)
     if rank == 0 and os.path.isdir(checkpoint_dir):

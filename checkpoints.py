@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from transformers import TrainerCallback
 
 from checkpoint_manifest import (  # noqa: F401  (re-exported: the marker is part of this module's interface)
-    COMPLETE_MARKER, is_complete, mark_complete, verify_checkpoint, write_marker,
+    COMPLETE_MARKER, rank_and_world, is_complete, mark_complete, verify_checkpoint, write_marker,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,11 @@ def latest_verified_checkpoint(output_dir: str) -> str | None:
     for _, path in reversed(list_checkpoints(output_dir)):
         if not is_complete(path):
             continue
-        problem = verify_checkpoint(path)
+        problem = verify_checkpoint(path)  # collective: every rank gets the same answer
         if problem is None:
             return path
-        logger.warning("skipping checkpoint %s: %s", path, problem)
+        if rank_and_world()[0] == 0:  # said once, not once per rank
+            logger.warning("skipping checkpoint %s: %s", path, problem)
     return None
 
 
