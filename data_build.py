@@ -273,7 +273,8 @@ def _build_and_save(cache_path: str | None, train_files, eval_files, strict, enc
         "tokens": _token_summary([s for s in (train_stats, eval_stats) if s], reports, encoder.max_length),
     }
     built = {"train": train, "eval": evaluation, "report": report}
-    if cache_path is None:
+    usable = train is not None and len(train) > 0 and (not eval_files or (evaluation is not None and len(evaluation) > 0))
+    if cache_path is None or not usable:  # never cache a result the run refuses: the next run must say why again
         return built
     staging = f"{cache_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.makedirs(staging)
@@ -297,6 +298,25 @@ def _load_cached(cache_path: str) -> dict:
     splits = {split: load_from_disk(os.path.join(cache_path, split)) if os.path.isdir(os.path.join(cache_path, split)) else None
               for split in ("train", "eval")}
     return {**splits, "report": report}
+
+
+def _load_cached_or_remove(cache_path: str) -> dict | None:
+    """The cached entry; None when it cannot be read whole (a copy cut short, a full disk, a file lost):
+    then it is reported in one warning and removed, to be built again."""
+    try:
+        built = _load_cached(cache_path)
+        for split in ("train", "eval"):
+            if built[split] is not None:
+                built[split].data.validate()  # the Arrow structure: offsets and lengths agree
+        rows = sum(len(built[split]) for split in ("train", "eval") if built[split] is not None)
+        if rows != built["report"]["tokens"]["conversations"]:
+            raise ValueError(f"{rows} conversations, {built['report']['tokens']['conversations']} when written")
+        return built
+    except Exception as err:  # json, pyarrow and datasets each raise their own types for damaged files
+        reason = (str(err).strip().splitlines() or [""])[0]
+        logger.warning("the tokenised data cached in %s is damaged (%s: %s); tokenising again", cache_path, type(err).__name__, reason)
+        shutil.rmtree(cache_path, ignore_errors=True)
+        return None
 
 
 def build_datasets(data_args, tokenizer, training_args):
@@ -327,10 +347,10 @@ def build_datasets(data_args, tokenizer, training_args):
         cache_path = os.path.join(cache_root, fingerprint)
     first = training_args.main_process_first(desc="data preprocessing") if training_args is not None else contextlib.nullcontext()
     with first:
-        reused = cache_path is not None and os.path.isfile(os.path.join(cache_path, "report.json"))
+        built = _load_cached_or_remove(cache_path) if cache_path is not None and os.path.isdir(cache_path) else None
+        reused = built is not None
         if reused:
             logger.info("reusing the tokenised data cached in %s", cache_path)
-            built = _load_cached(cache_path)
         else:
             built = _build_and_save(cache_path, train_files, eval_files, data_args.strict_data, encoder,
                                     data_args.preprocessing_num_workers, formats)

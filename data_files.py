@@ -83,9 +83,15 @@ def resolve_data_files(specs: list[str], flag: str = "--data_files") -> tuple[li
     return unique, sorted(set(ignored) - set(unique))
 
 
+# Bytes that are not UTF-8 are decoded as lone surrogates (errors="surrogateescape"): the record holding
+# them is skipped with this reason, and the rest of the file is read.
+NOT_UTF8_TEXT = "not UTF-8 text"
+NOT_UTF8_CHARACTER = re.compile("[\udc80-\udcff]")
+
+
 def _open_text(path: str):
     opener = gzip.open if path.endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8-sig")
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
 
 
 def check_data_file(path: str) -> None:
@@ -107,12 +113,13 @@ def check_data_file(path: str) -> None:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
             raw = f.read(1 << 16)
-        # An incremental decoder tolerates a character cut at the 64 KiB boundary.
-        head = codecs.getincrementaldecoder("utf-8-sig")().decode(raw, final=False)
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read the file ({err}); fix it or remove it from --data_files") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text, so not JSON; fix it or remove it from --data_files") from None
+    # An incremental decoder tolerates a character cut at the 64 KiB boundary. Some bytes that are not
+    # UTF-8 are bad records (skipped when read); a head in which no line parses is not a text file.
+    head = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape").decode(raw, final=False)
+    if NOT_UTF8_CHARACTER.search(head) and not head.lstrip().startswith("[") and not any(map(_parses, head.splitlines())):
+        raise DataError(f"{path}: not UTF-8 text, so not JSON; fix it or remove it from --data_files")
     stripped = head.lstrip()
     if not stripped:
         raise DataError(f"{path}: data file is empty (whitespace only); remove it from --data_files")
@@ -133,6 +140,16 @@ def check_data_file(path: str) -> None:
     if stripped.startswith("{"):
         return  # maybe one pretty-printed object; the full read decides
     raise DataError(f"{path}: not JSON (no line of its first 64 KiB parses); expected JSON lines or a JSON array")
+
+
+def _parses(line: str) -> bool:
+    if NOT_UTF8_CHARACTER.search(line) or not line.strip():
+        return False
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 class BrokenLine(str):
@@ -157,6 +174,7 @@ def _iter_json_array(path: str, text: str) -> Iterator[tuple[int, Any, str | Non
             return
         line += text.count("\n", counted_to, index)
         counted_to = index
+        start = index
         try:
             element, index = decoder.raw_decode(text, index)
         except json.JSONDecodeError as err:
@@ -165,7 +183,7 @@ def _iter_json_array(path: str, text: str) -> Iterator[tuple[int, Any, str | Non
                 f"{path}:{err.lineno}: broken JSON inside the array ({err.msg}); the rest of the file cannot be "
                 "read, fix it or remove it from --data_files"
             ) from None
-        yield line, element, None
+        yield (line, None, NOT_UTF8_TEXT) if NOT_UTF8_CHARACTER.search(text, start, index) else (line, element, None)
         index = whitespace.match(text, index).end()
         if text.startswith(",", index):
             index += 1
@@ -199,8 +217,8 @@ def iter_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
     try:
         with _open_text(path) as f:
             text = f.read()
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read the file as UTF-8 text ({err}); fix it or remove it from --data_files") from None
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot read the file ({err}); fix it or remove it from --data_files") from None
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
         return
@@ -219,6 +237,9 @@ def iter_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
             return
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
+            continue
+        if NOT_UTF8_CHARACTER.search(line):
+            yield line_number, None, NOT_UTF8_TEXT
             continue
         try:
             yield line_number, json.loads(line), None

@@ -18,7 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
 from dft_trainer import DFTTrainer
-from checkpoints import EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, prepare_resume
+from checkpoints import (
+    EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, check_output_dirs, prepare_resume,
+    save_failures_as_errors,
+)
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics
 from distributed import log_zero3_partition, prepare_process_group
@@ -86,6 +89,7 @@ def run(
 ) -> dict:
     lora_args = lora_args or LoraArguments()
     gen_args = gen_args or GenerationEvalArguments()
+    check_output_dirs(training_args)  # a file, unwritable or a full disk: one line now, not after loading
     logger = setup_logging(training_args.logging_dir if is_main_process() else None)
     started = time.time()
     set_seed(training_args.seed)
@@ -134,7 +138,8 @@ def run(
         sys.exit(EXIT_STOPPED_BY_SIGTERM)
     if generation_evaluator is not None and training_args.eval_strategy == "no":
         trainer.evaluate()  # no evaluation during training: score the trained model once
-    trainer.save_model(training_args.output_dir)
+    with save_failures_as_errors(training_args.output_dir, training_args.output_dir):
+        trainer.save_model(training_args.output_dir)
     if lora_args.merge_lora_on_save:  # collective under ZeRO-3: every rank calls it
         save_merged_model(trainer.model, training_args.output_dir, tokenizer, on_this_rank=training_args.should_save)
     return recorder.finish(train_output)  # run_summary.json, training_curves.png, trainer_state.json

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,11 +21,38 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SWANLAB_MODE", "offline")
+# DeepSpeed's compiled CPU ops live here across sessions (as in scripts/train.sh and .ci/run).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
 SAMPLE_FILES = [str(ROOT / "data" / "sample" / "chat_en.jsonl"), str(ROOT / "data" / "sample" / "chat_zh.json")]
+
+
+BUILD_DEEPSPEED_CPU_OP = """
+from deepspeed.accelerator import get_accelerator
+if get_accelerator().device_name() == "cpu":
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_cpu_op(request):
+    """Builds DeepSpeed's CPU communication op once, in one process, before the first test when the
+    session holds distributed tests. Otherwise both ranks of the first DeepSpeed run compile it at once
+    on a cold cache (2-3 CPU-minutes each) and wait on each other. A file lock keeps two test sessions
+    on one machine from building it together; on a warm cache this takes a few seconds."""
+    if not any(item.get_closest_marker("distributed") for item in request.session.items):
+        return
+    directory = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "dft-trainer-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run([sys.executable, "-c", BUILD_DEEPSPEED_CPU_OP], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=1800)
+    if result.returncode != 0:  # the distributed tests then fail with the same error; the others still run
+        print(f"\nbuilding DeepSpeed's CPU op failed:\n{result.stdout[-3000:]}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")
