@@ -5,12 +5,14 @@ name the flags. Parsed by `HfArgumentParser` in `train_dft.py`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
 
+from data_templates import BUILTIN_TEMPLATES
 from dft_loss import KL_DIRECTIONS, LOSS_TYPES, LossSpec, check_dft_alpha
 from tracking import normalize_report_to
 
@@ -65,7 +67,8 @@ class DataArguments:
 
     data_files: list[str] = field(
         default=None,
-        metadata={"help": "ChatML/ShareGPT data: files (.jsonl, .json, .json(l).gz, .parquet), directories or globs, merged. Required."},
+        metadata={"help": "Data: files (.jsonl, .json, .json(l).gz, .parquet), directories or globs, merged; records in "
+                  "ChatML/OpenAI (tools), ShareGPT, Alpaca or TRL prompt/completion format. Required."},
     )
     eval_data_files: list[str] = field(
         default=None, metadata={"help": "Evaluation files; overrides --validation_split_percentage."}
@@ -86,6 +89,23 @@ class DataArguments:
             "(needs --attn_implementation sdpa, eager, flex_attention or flash_attention_2). Same loss and metrics."
         },
     )
+    chat_template: str = field(
+        default=None,
+        metadata={"help": "Chat template to render with instead of the tokenizer's own: a .jinja file or a built-in name "
+                  "(chatml). Control tokens it needs that the tokenizer lacks are added (embeddings resized)."},
+    )
+    chat_template_kwargs: str = field(
+        default=None,
+        metadata={"help": 'JSON object of extra template variables, e.g. \'{"enable_thinking": false}\' (part of the cache key).'},
+    )
+    train_on_turns: str = field(
+        default="all",
+        metadata={"help": "Which assistant turns are supervised: all, or only the last; a message's \"loss\": true/false overrides."},
+    )
+    dpo_chosen_as_sft: bool = field(
+        default=False,
+        metadata={"help": "Train preference (DPO) records' prompt + chosen answer as SFT instead of skipping them."},
+    )
     data_cache_dir: str = field(
         default=None,
         metadata={
@@ -97,6 +117,17 @@ class DataArguments:
     def __post_init__(self):
         if not self.data_files:
             raise ValueError("--data_files is required: one or more ChatML JSON/JSONL files.")
+        if self.chat_template and self.chat_template not in BUILTIN_TEMPLATES and not os.path.isfile(self.chat_template):
+            raise ValueError(f"--chat_template {self.chat_template}: not a file and not a built-in template ({', '.join(BUILTIN_TEMPLATES)}).")
+        if self.train_on_turns not in ("all", "last"):
+            raise ValueError(f"--train_on_turns must be all or last, got {self.train_on_turns!r}.")
+        if self.chat_template_kwargs:
+            try:
+                kwargs = json.loads(self.chat_template_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--chat_template_kwargs is not JSON ({err.msg}); e.g. '{{\"enable_thinking\": false}}'.") from None
+            if not isinstance(kwargs, dict):
+                raise ValueError("--chat_template_kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'.")
         if self.max_length < 2:
             raise ValueError(f"--max_length must be at least 2, got {self.max_length}.")
         if not 0 <= self.validation_split_percentage < 100:

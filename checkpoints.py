@@ -9,6 +9,13 @@ SIGKILL) leaves a directory that looks like a checkpoint but cannot be resumed f
 has finished writing, rank 0 writes `checkpoint-N/COMPLETE` (atomically: temp file + rename, after
 fsync), and `latest` only considers directories that carry it.
 
+What the marker vouches for: see checkpoint_manifest.py (each file's size and checksum).
+
+Save failures. A checkpoint save that fails (a full disk, a quota, an I/O error) ends the run with one
+line naming the checkpoint and the free space; it never gets a marker, so every earlier checkpoint
+still verifies and resumes. `check_output_dirs` refuses, before anything loads, an `--output_dir` or
+`--logging_dir` that is a file, cannot be written or sits on a full disk.
+
 SIGTERM. `GracefulStopCallback` turns SIGTERM into "save a checkpoint at the end of this optimizer step
 and stop"; `train_dft` then exits with status 143 (128 + SIGTERM) without writing the final model.
 The ranks agree on the step through one all-reduce of a flag per step, so a signal that reached one
@@ -19,27 +26,37 @@ marker and the previous checkpoint is used.
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 import re
 import shutil
 import signal
+from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
+from checkpoint_manifest import (  # noqa: F401  (re-exported: the marker is part of this module's interface)
+    COMPLETE_MARKER, rank_and_world, is_complete, mark_complete, verify_checkpoint, write_marker,
+)
+
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 EXIT_STOPPED_BY_SIGTERM = 128 + signal.SIGTERM
 
 
+PROBE_BYTES = 1 << 20  # what check_output_dirs writes to see that a directory takes data
+
+
 class CheckpointError(ValueError):
-    """`--resume_from_checkpoint` names something that cannot be resumed from."""
+    """A checkpoint or output directory the user must fix (`--resume_from_checkpoint`, `--output_dir`,
+    `--logging_dir`), or a checkpoint save that failed; reported as one line, exit code 2."""
 
 
-def is_complete(checkpoint_dir: str) -> bool:
-    return os.path.isfile(os.path.join(checkpoint_dir, COMPLETE_MARKER))
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint or the final model failed (full disk, quota, I/O error)."""
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -56,30 +73,45 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def latest_complete_checkpoint(output_dir: str) -> str | None:
-    """The complete checkpoint with the highest step in `output_dir`, or None."""
+    """The complete checkpoint with the highest step in `output_dir`, or None (files not verified)."""
     complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path)]
     return complete[-1] if complete else None
+
+
+def latest_verified_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint that is complete and verifies (see `verify_checkpoint`), or None; each
+    newer complete one that fails is skipped with a warning naming the damaged file."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        if not is_complete(path):
+            continue
+        problem = verify_checkpoint(path)  # collective: every rank gets the same answer
+        if problem is None:
+            return path
+        if rank_and_world()[0] == 0:  # said once, not once per rank
+            logger.warning("skipping checkpoint %s: %s", path, problem)
+    return None
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
     """Turns `--resume_from_checkpoint` into a directory for `Trainer.train`, or None to start fresh.
 
-    "latest": the newest complete checkpoint in `output_dir`; none there means a fresh start (so the
-    same command both starts a job and restarts it). A path: used as given (a warning if it has no
-    completion marker, e.g. a checkpoint written by plain transformers).
+    "latest": the newest complete checkpoint in `output_dir` that verifies; none there means a fresh
+    start (so the same command both starts a job and restarts it). A path: used as given after
+    verification (a warning if it has no completion marker, e.g. a checkpoint written by plain
+    transformers). Collective under a process group (every rank verifies its own files).
 
     Raises:
-        CheckpointError: the path does not exist or has no trainer_state.json.
+        CheckpointError: the path does not exist, has no trainer_state.json, or fails verification.
     """
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint == "latest":
-        chosen = latest_complete_checkpoint(output_dir)
         skipped = [path for step, path in list_checkpoints(output_dir) if not is_complete(path)]
         if skipped:
             logger.warning("ignoring incomplete (half-written) checkpoints: %s", ", ".join(skipped))
+        chosen = latest_verified_checkpoint(output_dir)
         if chosen is None:
-            logger.info("--resume_from_checkpoint latest: no complete checkpoint in %s, starting from scratch", output_dir)
+            logger.info("--resume_from_checkpoint latest: no complete, intact checkpoint in %s, starting from scratch", output_dir)
         else:
             logger.info("--resume_from_checkpoint latest: resuming from %s", chosen)
         return chosen
@@ -90,49 +122,36 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
         raise CheckpointError(f"--resume_from_checkpoint {path}: no trainer_state.json, not a Trainer checkpoint")
     if not is_complete(path):
         logger.warning("%s has no %s marker: it may be half-written (or was saved without this callback)", path, COMPLETE_MARKER)
+        return path
+    problem = verify_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"--resume_from_checkpoint {path}: {problem}; resume from an earlier checkpoint, or give 'latest'")
     return path
 
 
-def remove_incomplete_after(output_dir: str, resume_dir: str | None) -> None:
-    """Deletes half-written checkpoints newer than the one resumed from (rank 0 only).
+def remove_checkpoints_after(output_dir: str, resume_dir: str | None) -> None:
+    """Clears the checkpoints newer than the one `latest` resumed from (rank 0 only), since the resumed
+    run writes those steps again: half-written ones are deleted; damaged ones (complete, but failing
+    verification) are moved aside to `damaged-checkpoint-N`, never deleted, in case the difference was
+    a hand edit.
 
-    They would be overwritten by the same steps anyway; removing them first keeps stale files (say, a
-    ZeRO shard of a rank that had finished) out of the new checkpoint, and keeps save_total_limit's
-    rotation from counting them.
+    Clearing them first keeps stale files (say, a ZeRO shard of a rank that had finished) out of the
+    new checkpoint, and keeps save_total_limit's rotation from counting them.
     """
     resume_step = int(CHECKPOINT_PATTERN.match(os.path.basename(resume_dir)).group(1)) if resume_dir else -1
     for step, path in list_checkpoints(output_dir):
-        if step > resume_step and not is_complete(path):
+        if step <= resume_step:
+            continue
+        if not is_complete(path):
             logger.warning("removing half-written checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_tree(directory: str) -> None:
-    for root, _, files in os.walk(directory):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def write_marker(checkpoint_dir: str, step: int) -> None:
-    """Atomically writes `checkpoint_dir/COMPLETE` (temp file, fsync, rename, fsync the directory)."""
-    temporary = os.path.join(checkpoint_dir, f".{COMPLETE_MARKER}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(f"step {step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, os.path.join(checkpoint_dir, COMPLETE_MARKER))
-    fd = os.open(checkpoint_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            continue
+        aside = os.path.join(output_dir, f"damaged-checkpoint-{step}")
+        suffix = 1
+        while os.path.exists(aside):
+            aside, suffix = os.path.join(output_dir, f"damaged-checkpoint-{step}.{suffix}"), suffix + 1
+        os.rename(path, aside)
+        logger.warning("moved damaged checkpoint %s aside to %s (delete it when you have looked)", path, aside)
 
 
 def _barrier() -> None:
@@ -159,12 +178,9 @@ class CheckpointMarkerCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_local_process_zero and os.path.isdir(checkpoint_dir):
-            _fsync_tree(checkpoint_dir)  # every node flushes what it wrote before rank 0 vouches for it
-        _barrier()  # ZeRO writes one optimizer shard per rank
-        if state.is_world_process_zero and os.path.isdir(checkpoint_dir):
-            write_marker(checkpoint_dir, state.global_step)
-            logger.info("checkpoint complete: %s", checkpoint_dir)
+        _barrier()  # ZeRO writes one optimizer shard per rank: all are written before any is hashed
+        with save_failures_as_errors(checkpoint_dir, args.output_dir):
+            mark_complete(checkpoint_dir, state.global_step)
         return control
 
 
@@ -218,17 +234,112 @@ class GracefulStopCallback(TrainerCallback):
 
 
 def add_checkpoint_callbacks(trainer) -> GracefulStopCallback:
-    """Adds the completion marker and the SIGTERM stop to `trainer`; returns the stop callback."""
+    """Adds the completion marker and the SIGTERM stop to `trainer`, and turns a failed checkpoint save
+    into a `CheckpointSaveError`; returns the stop callback."""
     stop = GracefulStopCallback()
     trainer.add_callback(stop)  # first: it may ask for a save that the marker callback must see
     trainer.add_callback(CheckpointMarkerCallback())
+    save_checkpoint = trainer._save_checkpoint
+
+    @functools.wraps(save_checkpoint)
+    def guarded_save_checkpoint(*args, **kwargs):
+        checkpoint_dir = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+        with save_failures_as_errors(checkpoint_dir, trainer.args.output_dir):
+            return save_checkpoint(*args, **kwargs)
+
+    trainer._save_checkpoint = guarded_save_checkpoint
     return stop
 
 
 def prepare_resume(training_args) -> str | None:
-    """The checkpoint `Trainer.train` should resume from (see `resolve_resume_checkpoint`); on world
-    rank 0 also clears half-written checkpoints past it (see `remove_incomplete_after`)."""
+    """The checkpoint `Trainer.train` should resume from (see `resolve_resume_checkpoint`); with `latest`,
+    world rank 0 also clears the half-written or damaged checkpoints past it (see `remove_checkpoints_after`)."""
     resume_dir = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if training_args.resume_from_checkpoint == "latest" and training_args.process_index == 0:
-        remove_incomplete_after(training_args.output_dir, resume_dir)
+        remove_checkpoints_after(training_args.output_dir, resume_dir)
     return resume_dir
+
+
+# ---- output directories and failed saves -------------------------------------------------------------
+def _free_space(path: str) -> str:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(path or ".").free
+    except OSError:
+        return "unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"
+
+
+def _why_unwritable(err: OSError, path: str) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk holding it is full ({_free_space(path)} free; {err.strerror})"
+    if err.errno == errno.ENOTDIR:
+        return "a part of the path is a file, not a directory"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not writable ({err.strerror})"
+    return err.strerror or str(err)
+
+
+def check_output_dir(flag: str, path: str) -> None:
+    """Creates `path` if needed and writes (and removes) a small probe file in it.
+
+    Raises:
+        CheckpointError: naming `flag` and `path`, when it is a file, cannot be created or written, or
+            sits on a full disk.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{flag} {path}: is a file, not a directory; give a directory path")
+    probe = os.path.join(path, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise CheckpointError(f"{flag} {path}: {_why_unwritable(err, path)}; free space or choose another directory") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
+def check_output_dirs(training_args) -> None:
+    """`check_output_dir` for --output_dir and --logging_dir (before anything is loaded)."""
+    check_output_dir("--output_dir", training_args.output_dir)
+    if training_args.logging_dir:
+        check_output_dir("--logging_dir", training_args.logging_dir)
+
+
+def _error_reason(err: BaseException) -> str:
+    """The errno text of the first OSError in the exception chain, else the error's first line."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+@contextmanager
+def save_failures_as_errors(target: str, output_dir: str):
+    """Turns an exception raised while writing `target` into a one-line `CheckpointSaveError`.
+
+    Raises:
+        CheckpointSaveError: what failed, why, the free space on --output_dir's disk and how to go on.
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:
+        earlier = [path for _, path in list_checkpoints(output_dir) if is_complete(path) and path != target]
+        resume = f"earlier checkpoints are intact ({os.path.basename(earlier[-1])} the newest); free space, then rerun with --resume_from_checkpoint latest" if earlier else "no earlier checkpoint; free space and start again"
+        raise CheckpointSaveError(
+            f"saving {target} failed: {_error_reason(err)} ({_free_space(output_dir)} free on the disk holding --output_dir); {resume}"
+        ) from err

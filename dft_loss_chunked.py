@@ -194,6 +194,8 @@ def chunked_unsupported_reason(model) -> str | None:
     head = model.get_output_embeddings()
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
         return f"model type {model_type!r} has an LM head the chunked loss cannot read ({type(head).__name__})"
+    if hasattr(head, "token_adapter"):  # peft trainable_token_indices: new rows live outside head.weight
+        return "the LM head has trainable new-token rows (LoRA with added tokens), which the chunked loss would ignore"
     if len(getattr(head, "lora_A", {})) > 0:
         return "the LM head carries a LoRA adapter, which the chunked loss would ignore; drop lm_head from --lora_target_modules"
     return None

@@ -87,12 +87,24 @@ class LoraArguments:
         return ALL_LINEAR if self.lora_target_modules == [ALL_LINEAR] else list(self.lora_target_modules)
 
 
-def apply_lora(model, lora_args: LoraArguments, training_args):
+def _trainable_token_indices(model, token_ids: list[int]) -> dict[str, list[int]]:
+    """{module name: ids} for the input embedding and, when not tied to it, the LM head."""
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    indices = {names[id(embeddings)]: list(token_ids)}
+    if head is not None and head.weight is not embeddings.weight:
+        indices[names[id(head)]] = list(token_ids)
+    return indices
+
+
+def apply_lora(model, lora_args: LoraArguments, training_args, new_token_ids: list[int] | None = None):
     """Wraps `model` in a peft `PeftModel` with LoRA adapters (or returns it untouched without --use_lora).
 
     Logs the trainable parameter count. With gradient checkpointing, makes the embedding output require
     grad: the frozen embeddings would otherwise cut the graph at the input of a (reentrant) checkpointed
-    layer, and the adapters inside it would get no gradient.
+    layer, and the adapters inside it would get no gradient. Token ids in `new_token_ids` (control tokens
+    added to the vocabulary) get trainable embedding and LM-head rows (peft's trainable_token_indices),
+    saved with the adapter: a frozen random row could never learn to end a turn.
 
     Raises:
         LoraConfigError: a target module that does not exist, or an adapter on the LM head with
@@ -109,6 +121,7 @@ def apply_lora(model, lora_args: LoraArguments, training_args):
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.peft_target_modules(),
+        trainable_token_indices=_trainable_token_indices(model, new_token_ids) if new_token_ids else None,
     )
     if training_args.gradient_checkpointing:
         # transformers 5 also does this when it turns checkpointing on for text models; done here so it
@@ -118,7 +131,8 @@ def apply_lora(model, lora_args: LoraArguments, training_args):
         model = get_peft_model(model, config)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model ..."
         raise LoraConfigError(f"--lora_target_modules {' '.join(lora_args.lora_target_modules)}: {str(err).splitlines()[0]}") from None
-    if training_args.loss_impl == "chunked" and isinstance(model.get_output_embeddings(), BaseTunerLayer):
+    head = model.get_output_embeddings()
+    if training_args.loss_impl == "chunked" and (isinstance(head, BaseTunerLayer) or hasattr(head, "token_adapter")):
         raise LoraConfigError(f"--loss_impl chunked: {chunked_unsupported_reason(model)}, or use --loss_impl full.")
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(

@@ -187,6 +187,12 @@ class DataCollatorForPacking:
     pad_token_id: int
     flatten: bool = True
 
+    def __post_init__(self):
+        if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
+            # torch.full would fail on the first batch with "fill_value ... not NoneType".
+            raise ValueError(f"pad_token_id must be a token id, got {self.pad_token_id!r}: give the tokenizer a pad token "
+                             "(train_dft does it with tokenizer_setup.prepare_tokenizer)")
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         input_rows, label_rows, position_rows = [], [], []
         for feature in features:

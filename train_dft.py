@@ -18,12 +18,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
 from dft_trainer import DFTTrainer
-from checkpoints import EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, prepare_resume
+from checkpoints import (
+    EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, check_output_dirs, prepare_resume,
+    save_failures_as_errors,
+)
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics
 from distributed import log_zero3_partition, prepare_process_group
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
 from packing import apply_packing, check_model_for_packing, check_packing_attention
+from tokenizer_setup import prepare_model, prepare_tokenizer
 from tracking import RunRecorder, build_run_config, configure_progress_bars
 
 EXIT_BAD_INPUT = 2
@@ -57,15 +61,14 @@ def load_tokenizer(model_args: ModelArguments):
         raise UsageError(f"--model_name_or_path {path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
 
 
-def load_model(model_args: ModelArguments, training_args: DFTTrainingArguments, tokenizer):
+def load_model(model_args: ModelArguments, training_args: DFTTrainingArguments, tokenizer, setup):
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         dtype=resolve_torch_dtype(model_args, training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
     )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    prepare_model(model, tokenizer, setup)  # embeddings for added control tokens, pad id, stop id
     model.config.use_cache = False  # no KV cache in training; gradient checkpointing warns otherwise
     return model
 
@@ -86,6 +89,7 @@ def run(
 ) -> dict:
     lora_args = lora_args or LoraArguments()
     gen_args = gen_args or GenerationEvalArguments()
+    check_output_dirs(training_args)  # a file, unwritable or a full disk: one line now, not after loading
     logger = setup_logging(training_args.logging_dir if is_main_process() else None)
     started = time.time()
     set_seed(training_args.seed)
@@ -95,6 +99,7 @@ def run(
     # A bad generation file stops the run before any data or model work.
     prompts = read_generation_files(gen_args.eval_generation_files, gen_args.eval_generation_max_prompts) if gen_args.eval_generation_files else None
     tokenizer = load_tokenizer(model_args)
+    setup = prepare_tokenizer(tokenizer, data_args)  # template, missing control tokens, pad token
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
@@ -107,10 +112,11 @@ def run(
         )
     if is_main_process():
         logger.info("data report (%s):\n%s", write_data_report(data_summary, training_args.output_dir), format_data_report(data_summary))
-    model = apply_lora(load_model(model_args, training_args, tokenizer), lora_args, training_args)
+    model = apply_lora(load_model(model_args, training_args, tokenizer, setup), lora_args, training_args, setup.new_token_ids)
     log_zero3_partition(model)
     if data_args.packing:
-        check_packing(model_args, model)
+        # Under LoRA the forward that builds the packed mask is the base model's (peft passes position_ids on).
+        check_packing(model_args, model.get_base_model() if lora_args.use_lora else model)
     trainer = DFTTrainer(
         model=model,
         args=training_args,
@@ -132,7 +138,8 @@ def run(
         sys.exit(EXIT_STOPPED_BY_SIGTERM)
     if generation_evaluator is not None and training_args.eval_strategy == "no":
         trainer.evaluate()  # no evaluation during training: score the trained model once
-    trainer.save_model(training_args.output_dir)
+    with save_failures_as_errors(training_args.output_dir, training_args.output_dir):
+        trainer.save_model(training_args.output_dir)
     if lora_args.merge_lora_on_save:  # collective under ZeRO-3: every rank calls it
         save_merged_model(trainer.model, training_args.output_dir, tokenizer, on_this_rank=training_args.should_save)
     return recorder.finish(train_output)  # run_summary.json, training_curves.png, trainer_state.json

@@ -2,6 +2,7 @@
 
     python scripts/bench_data.py                      # 20,000 conversations of ~500 tokens, tiny tokenizer
     python scripts/bench_data.py --num_conversations 2000 --workers 1 --profile
+    python scripts/bench_data.py --tokenizer DIR --data_files ../shared/real/data/llamafactory   # real records, repeated
 
 Measures the tokenising stage of the pipeline (`datasets.map` of `ConversationTokenizer`, the code
 `build_datasets` runs) and the whole `build_datasets` (read JSONL, normalise, tokenise, save) with the
@@ -25,7 +26,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_utils import ConversationTokenizer, build_datasets, ensure_chat_template  # noqa: E402
+from data_utils import ConversationTokenizer, build_datasets, ensure_chat_template, iter_records, normalize_record, resolve_data_files  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = (
@@ -92,12 +93,14 @@ def profile(rows: list[dict], tokenizer, max_length: int) -> dict:
     """Seconds per 1,000 conversations in each step of one worker's loop."""
     encoder = ConversationTokenizer(tokenizer, max_length)
     messages = [row["messages"] for row in rows]
+    tools = [row.get("tools") for row in rows]
     timings = {}
     started = time.perf_counter()
-    texts = [encoder.render(m) for m in messages]
+    prepared = [encoder._prepare(m, t) for m, t in zip(messages, tools)]
+    texts = [encoder.render(rendered, tools=tool_list) for rendered, tool_list, _, _ in prepared]
     timings["render"] = time.perf_counter() - started
     started = time.perf_counter()
-    spans = [encoder.supervised_char_spans(m)[1] for m in messages]
+    spans = [encoder.supervised_char_spans(m, t)[1] for m, t in zip(messages, tools)]
     timings["render_and_find_spans"] = time.perf_counter() - started
     started = time.perf_counter()
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
@@ -112,7 +115,9 @@ def profile(rows: list[dict], tokenizer, max_length: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default=os.path.join(ROOT, "assets", "tiny-qwen2"), help="Tokenizer directory.")
-    parser.add_argument("--num_conversations", type=int, default=20000, help="Synthetic conversations to tokenise.")
+    parser.add_argument("--num_conversations", type=int, default=20000, help="Conversations to tokenise.")
+    parser.add_argument("--data_files", nargs="+", default=None,
+                        help="Real data (files, directories): its usable records, repeated to --num_conversations, instead of synthetic ones.")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="preprocessing_num_workers values to time.")
     parser.add_argument("--max_length", type=int, default=4096, help="Truncation length (large: nothing truncated).")
     parser.add_argument("--skip_build", action="store_true", help="Time only the tokenising map, not build_datasets.")
@@ -127,7 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     ensure_chat_template(tokenizer)
     rng = random.Random(0)
-    rows = [synthetic_conversation(rng) for _ in range(args.num_conversations)]
+    if args.data_files:
+        records = [record for path in resolve_data_files(args.data_files)[0] for _, record, error in iter_records(path)
+                   if error is None and normalize_record(record)[0] is not None]
+        records = [records[i % len(records)] for i in range(args.num_conversations)]
+        rows = [normalize_record(record)[0] for record in records]
+    else:
+        records = rows = [synthetic_conversation(rng) for _ in range(args.num_conversations)]
     result = {"tokenizer": args.tokenizer, "fast_tokenizer": bool(tokenizer.is_fast), "conversations": len(rows),
               "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg()[0], "tokenise_map": [], "build_datasets": []}
     for workers in args.workers:
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, "bench.jsonl")
             with open(path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
             for workers in args.workers:
                 result["build_datasets"].append(bench_build(path, tokenizer, workers, args.max_length, len(rows)))
     if args.profile:

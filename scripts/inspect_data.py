@@ -3,8 +3,8 @@
     python scripts/inspect_data.py --model_name_or_path assets/tiny-qwen2 --data_files data/sample --index 3
 
 Supervised tokens are shown in green on a terminal and between [[ ]] otherwise (--color forces either).
-Also prints the conversation's token counts and, per file, the records read, kept and skipped by reason
-(skips found while reading; `train_dft.py` adds those found while tokenising to data_report.json).
+Also prints the conversation's token counts and, per file, the records read, kept and skipped by reason,
+counted by the training pipeline itself (reading and tokenising), so they match data_report.json.
 Exit code 2 with one line on bad input, like train_dft.py.
 """
 
@@ -16,14 +16,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from arguments import DataArguments  # noqa: E402
+from data_build import _build_and_save, format_data_report  # noqa: E402
+from data_formats import FormatOptions  # noqa: E402
 from data_utils import (  # noqa: E402
     DataError,
     ConversationTokenizer,
-    ensure_chat_template,
+    check_data_file,
     format_supervision,
     load_conversations,
+    resolve_data_files,
     supervision_runs,
 )
+from data_masking import MaskingOptions  # noqa: E402
+from tokenizer_setup import prepare_tokenizer  # noqa: E402
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 
@@ -34,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_files", nargs="+", required=True, help="Files, directories or globs, as for train_dft.py.")
     parser.add_argument("--index", type=int, default=0, help="Which valid conversation to show (0-based, over all files in order).")
     parser.add_argument("--max_length", type=int, default=2048, help="Truncation length, as for train_dft.py.")
+    parser.add_argument("--chat_template", default=None, help="As for train_dft.py: a .jinja file or a built-in name (chatml).")
+    parser.add_argument("--chat_template_kwargs", default=None, help="As for train_dft.py: JSON object of template variables.")
+    parser.add_argument("--train_on_turns", default="all", choices=["all", "last"], help="As for train_dft.py.")
+    parser.add_argument("--dpo_chosen_as_sft", action="store_true", help="As for train_dft.py.")
     parser.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="Highlight with ANSI colour (auto: on a terminal).")
     return parser.parse_args(argv)
 
@@ -54,16 +64,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model_name_or_path {args.model_name_or_path}: cannot load a tokenizer ({str(err).splitlines()[0]})", file=sys.stderr)
         return 2
     try:
-        ensure_chat_template(tokenizer)
-        conversations, reports = load_conversations(args.data_files)
+        data_args = DataArguments(data_files=args.data_files, max_length=args.max_length, chat_template=args.chat_template,
+                                  chat_template_kwargs=args.chat_template_kwargs, train_on_turns=args.train_on_turns,
+                                  dpo_chosen_as_sft=args.dpo_chosen_as_sft)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        prepare_tokenizer(tokenizer, data_args)
+        formats = FormatOptions(dpo_chosen_as_sft=data_args.dpo_chosen_as_sft)
+        encoder = ConversationTokenizer(tokenizer, args.max_length, MaskingOptions.from_args(data_args))
+        conversations, _ = load_conversations(args.data_files, formats=formats)
+        files, _ = resolve_data_files(args.data_files)
+        for path in files:
+            check_data_file(path)
+        report = _build_and_save(None, files, [], False, encoder, None, formats)["report"]
         if not 0 <= args.index < len(conversations):
             raise DataError(f"--index {args.index}: there are {len(conversations)} valid conversations (0..{len(conversations) - 1})")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     row = conversations[args.index]
-    source = reports[row["source"]].path
-    encoded = ConversationTokenizer(tokenizer, args.max_length).tokenize(row["messages"])
+    source = files[row["source"]]
+    encoded = encoder.tokenize(row["messages"], row["tools"])
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(f"=== conversation {args.index} ({source}:{row['line']}), {len(row['messages'])} messages ===")
     if encoded["drop_reason"]:
@@ -72,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(highlight(tokenizer, encoded["input_ids"], encoded["labels"], color))
         print(f"=== tokens: {encoded['length']}, supervised: {encoded['supervised']}, "
               f"truncated to --max_length {args.max_length}: {'yes' if encoded['truncated'] else 'no'} ===")
-    for report in reports:
-        skipped = ", ".join(f"{count} {reason} (e.g. {report.examples[reason][0]})" for reason, count in report.skipped.most_common())
-        print(f"{report.path}: read {report.read}, kept {report.kept}, skipped {sum(report.skipped.values())}" + (f": {skipped}" if skipped else ""))
+    for file in report["files"]:
+        skipped = ", ".join(f"{count} {reason} (e.g. {file['examples'][reason][0]})" for reason, count in file["skipped_by_reason"].items())
+        print(f"{file['path']}: read {file['read']}, kept {file['kept']}, skipped {file['skipped']}" + (f": {skipped}" if skipped else ""))
+    print(format_data_report(report))
     return 0
 
 

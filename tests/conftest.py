@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,11 +21,38 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SWANLAB_MODE", "offline")
+# DeepSpeed's compiled CPU ops live here across sessions (as in scripts/train.sh and .ci/run).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
 SAMPLE_FILES = [str(ROOT / "data" / "sample" / "chat_en.jsonl"), str(ROOT / "data" / "sample" / "chat_zh.json")]
+
+
+BUILD_DEEPSPEED_CPU_OP = """
+from deepspeed.accelerator import get_accelerator
+if get_accelerator().device_name() == "cpu":
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_cpu_op(request):
+    """Builds DeepSpeed's CPU communication op once, in one process, before the first test when the
+    session holds distributed tests. Otherwise both ranks of the first DeepSpeed run compile it at once
+    on a cold cache (2-3 CPU-minutes each) and wait on each other. A file lock keeps two test sessions
+    on one machine from building it together; on a warm cache this takes a few seconds."""
+    if not any(item.get_closest_marker("distributed") for item in request.session.items):
+        return
+    directory = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "dft-trainer-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run([sys.executable, "-c", BUILD_DEEPSPEED_CPU_OP], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=1800)
+    if result.returncode != 0:  # the distributed tests then fail with the same error; the others still run
+        print(f"\nbuilding DeepSpeed's CPU op failed:\n{result.stdout[-3000:]}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +72,56 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def sample_files() -> list[str]:
     return list(SAMPLE_FILES)
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+TEMPLATES = FIXTURES / "templates"
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
+    """The real Qwen2.5 (152K) and Llama-3.2 (128K) tokenizers, decompressed from tests/fixtures/tokenizers
+    (built by scripts/make_tokenizer_fixtures.py): {"qwen2.5": dir, "llama3.2": dir}."""
+    import lzma
+    import shutil
+
+    dirs = {}
+    for source in sorted((FIXTURES / "tokenizers").iterdir()):
+        out = tmp_path_factory.mktemp(source.name)
+        with lzma.open(source / "tokenizer.json.xz", "rb") as f:
+            (out / "tokenizer.json").write_bytes(f.read())
+        for name in ("tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(source / name, out / name)
+        dirs[source.name] = str(out)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def _real_tokenizers(real_tokenizer_dirs) -> dict:
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in real_tokenizer_dirs.items()}
+
+
+@pytest.fixture
+def real_tokenizer(_real_tokenizers):
+    """load("qwen2.5" | "llama3.2") -> a fresh copy of the real tokenizer (tests may change it)."""
+    import copy
+
+    return lambda name: copy.deepcopy(_real_tokenizers[name])
+
+
+def tiny_model_for(tokenizer_dir: str, out_dir: str, tie: bool) -> str:
+    """A random-init 2-layer Llama of the tokenizer's vocabulary next to a copy of the tokenizer (for train_dft)."""
+    import shutil
+
+    import transformers
+
+    shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie,
+                                      eos_token_id=tokenizer.eos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(out_dir)
+    return out_dir

@@ -50,6 +50,9 @@ def child_env() -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
     )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    # The launchers (deepspeed, train.sh's python and torchrun) of the environment running the tests,
+    # also when it is not activated (`.venv/bin/python -m pytest`).
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     return env
 
 

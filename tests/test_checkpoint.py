@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from transformers import TrainerControl, TrainerState
 
 from checkpoints import (
     COMPLETE_MARKER, CheckpointError, CheckpointMarkerCallback, GracefulStopCallback, latest_complete_checkpoint,
-    list_checkpoints, remove_incomplete_after, resolve_resume_checkpoint, write_marker,
+    list_checkpoints, remove_checkpoints_after, resolve_resume_checkpoint, write_marker,
 )
 from dist_helpers import ROOT, SGD_ARGS, child_env, write_small_data
 
@@ -44,7 +45,7 @@ def test_latest_skips_half_written_and_picks_highest_complete(tmp_path, caplog):
         chosen = resolve_resume_checkpoint("latest", str(tmp_path))
     assert chosen == str(tmp_path / "checkpoint-10")
     assert str(half) in caplog.text and "incomplete" in caplog.text
-    remove_incomplete_after(str(tmp_path), chosen)
+    remove_checkpoints_after(str(tmp_path), chosen)
     assert not half.exists() and (tmp_path / "checkpoint-10").exists() and (tmp_path / "checkpoint-2").exists()
 
 
@@ -69,7 +70,7 @@ def test_explicit_checkpoint_path(tmp_path, caplog):
 
 def test_marker_is_atomic_and_stale_marker_removed_before_resave(tmp_path):
     path = make_checkpoint(tmp_path, 4, complete=True)
-    assert (path / COMPLETE_MARKER).read_text() == "step 4\n"
+    assert json.loads((path / COMPLETE_MARKER).read_text())["step"] == 4
     assert not list(path.glob(".*tmp"))
     args = SimpleNamespace(output_dir=str(tmp_path), save_strategy="steps")
     state, control = TrainerState(global_step=4), TrainerControl(should_save=True)

@@ -18,7 +18,12 @@ from data_utils import (
 )
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-NORMALISED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+def msg(role: str, content: str, **fields) -> dict:
+    """A message in the normalised schema (every field present, None when the record has none)."""
+    return {"role": role, "content": content, "reasoning_content": None, "tool_calls": None, "name": None, "loss": None, **fields}
+
+
+NORMALISED = [msg("user", "hi"), msg("assistant", "hello")]
 
 
 def write_jsonl(path, records, raw_lines=()):
@@ -120,6 +125,7 @@ def test_parquet_rows(tmp_path):
     check_data_file(str(path))
     rows, report = read_file_records(str(path), source=0, strict=False)
     assert [row["messages"] for row in rows] == [NORMALISED]
+    assert [row["tools"] for row in rows] == [""]
     assert (report.read, report.kept, dict(report.skipped)) == (2, 1, {"no assistant turn": 1})
     assert report.examples == {"no assistant turn": [f"{path}:2"]}
 
@@ -138,19 +144,21 @@ def test_broken_json_array_fails_with_file_and_line(tmp_path):
     "record, reason",
     [
         (["not", "an", "object"], "record is not a JSON object"),
-        ({"text": "no messages key"}, "no messages"),
+        ({"text": "no messages key"}, "plain text record (pre-training data): no conversation to supervise"),
+        ({"id": 1}, "no messages"),
         ({"messages": []}, "no messages"),
         ({"messages": "hello"}, "no messages"),
         ({"messages": ["hello"]}, "message is not an object"),
         ({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'narrator'"),
         ({"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'None'"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-                       {"role": "assistant", "content": "y"}]}, "non-text content"),
+                       {"role": "assistant", "content": "y"}]}, "multimodal record (images): text-only training cannot use it"),
         ({"messages": [{"role": "user", "content": {"text": "x"}}, {"role": "assistant", "content": "y"}]}, "non-text content"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "empty assistant content"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [{}]}]},
-         "empty assistant content"),
+         "tool call without a function name"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}, "empty assistant content"),
     ],
 )
 def test_invalid_records_give_their_reason(record, reason):
@@ -168,14 +176,14 @@ def test_normalisation_to_one_schema():
         ],
     }
     assert normalize_record(record) == (
-        [{"role": "system", "content": ""}, {"role": "user", "content": "What is 6*7?"}, {"role": "assistant", "content": "42"}],
+        {"messages": [msg("system", "", name="sys"), msg("user", "What is 6*7?"), msg("assistant", "42")], "tools": ""},
         None,
     )
 
 
 def test_sharegpt_records_become_messages():
     record = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
-    assert normalize_record(record) == ([{"role": "system", "content": "Be brief."}] + NORMALISED, None)
+    assert normalize_record(record) == ({"messages": [msg("system", "Be brief.")] + NORMALISED, "tools": ""}, None)
 
 
 # -- counting and strict mode --------------------------------------------------------------------

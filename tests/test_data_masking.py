@@ -143,12 +143,9 @@ def test_renderer_matches_apply_chat_template(template):
         )
 
 
-def test_content_dependent_template_uses_the_prefix_fallback():
+def test_content_dependent_template_supervises_only_the_content():
     encoder = ConversationTokenizer(_tokenizer(CONTENT_DEPENDENT), max_length=4096)
     messages = CONVERSATIONS["multi_turn_echo"]
-    full = encoder.render(messages)
-    layout = encoder._skeleton(tuple(m["role"] for m in messages))
-    assert encoder._spans_from_skeleton(full, messages, layout) is None  # the one-render path gives up
     text, spans = encoder.supervised_char_spans(messages)
     assert [text[s:e] for s, e in spans] == ["OK<|im_end|>", "yes<|im_end|>", "OK, that is a longer answer.<|im_end|>"]
 

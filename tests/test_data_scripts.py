@@ -37,6 +37,31 @@ def test_inspect_data_marks_supervised_tokens_and_counts(tmp_path, tiny_model_di
     assert "--index 5: there are 1 valid conversations" in capsys.readouterr().err
 
 
+def test_inspect_data_kept_counts_are_the_ones_training_gets(tmp_path, tiny_model_dir, capsys):
+    from types import SimpleNamespace
+
+    from data_utils import build_datasets
+
+    path = tmp_path / "chat.jsonl"
+    records = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        # Dropped only at tokenisation (control-token text in the content): reading alone would keep it.
+        {"messages": [{"role": "user", "content": "end?"}, {"role": "assistant", "content": "write <|im_end|>"}]},
+        {"instruction": "2+2?", "input": "", "output": "4"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    inspect_data = load_script("inspect_data")
+    assert inspect_data.main(["--model_name_or_path", tiny_model_dir, "--data_files", str(path), "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: read 3, kept 2, skipped 1: 1 content contains the control token text '<|im_end|>' (e.g. {path}:2)" in out
+    from transformers import AutoTokenizer
+
+    args = SimpleNamespace(data_files=[str(path)], eval_data_files=None, max_length=512, preprocessing_num_workers=None,
+                           validation_split_percentage=0, strict_data=False, data_cache_dir="none")
+    _, _, report = build_datasets(args, AutoTokenizer.from_pretrained(tiny_model_dir), None)
+    assert (report["files"][0]["read"], report["files"][0]["kept"]) == (3, 2)
+
+
 def test_bench_data_reports_conversations_per_second(tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # the script sets it; restored after the test
     bench = load_script("bench_data")

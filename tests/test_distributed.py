@@ -8,6 +8,7 @@ tests (module-scoped fixtures), because starting processes dominates the cost.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -95,17 +96,21 @@ def zero3(workdir, data_file) -> dict:
 
 @pytest.fixture(scope="module")
 def zero3_resumed(workdir, data_file, zero3) -> dict:
-    """The ZeRO-3 run stopped after step 1 (its checkpoint-1 alone in a fresh output_dir), resumed with
-    `--resume_from_checkpoint latest` and `--loss_impl chunked` (the LM head gathered from its shards)."""
+    """The ZeRO-3 run stopped after step 2 whose checkpoint-2 was then damaged (rank 1's optimizer shard
+    cut short after its completion marker), resumed with `--resume_from_checkpoint latest` (which must
+    fall back to checkpoint-1) and `--loss_impl chunked` (the LM head gathered from its shards)."""
     out = workdir / "zero3_resumed"
     out.mkdir()
-    shutil.copytree(zero3["dir"] / "checkpoint-1", out / "checkpoint-1")
+    for step in (1, 2):
+        shutil.copytree(zero3["dir"] / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    (shard,) = (out / "checkpoint-2" / "global_step2").glob("*zero_pp_rank_1_*optim_states.pt")
+    shard.write_bytes(shard.read_bytes()[:1000])
     args = common_args(data_file, out) + [
         "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
         "--deepspeed", str(ROOT / "ds_config" / "zero3.json"), "--use_cpu", "True",
         "--resume_from_checkpoint", "latest", "--loss_impl", "chunked",
     ]
-    return {"dir": out, "console": launch("deepspeed", args, workdir / "zero3_resumed.console")}
+    return {"dir": out, "console": launch("deepspeed", args, workdir / "zero3_resumed.console"), "damaged": shard}
 
 
 # ---- the same numbers everywhere ------------------------------------------------------------------
@@ -126,6 +131,16 @@ def test_zero3_matches_one_process(reference, zero3):
     assert len(logs) == STEPS
     assert_same_logs(logs, train_logs(reference), what="ZeRO-3 2 x batch 1 x GA 2 vs 1 x batch 4")
     assert_same_update(weight_delta(zero3["dir"] / "checkpoint-1"), weight_delta(reference / "checkpoint-1"), 1e-5, "ZeRO-3 step 1")
+
+
+def test_zero3_checkpoint_manifest_holds_every_rank_files(zero3):
+    """Each rank hashed the shards it wrote; rank 0's marker lists them all with their sizes."""
+    checkpoint = zero3["dir"] / "checkpoint-1"
+    files = json.loads((checkpoint / "COMPLETE").read_text())["files"]
+    written = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != "COMPLETE")
+    assert sorted(files) == written
+    assert any("zero_pp_rank_1_" in name for name in files) and "rng_state_1.pth" in files
+    assert all(files[name]["size"] == (checkpoint / name).stat().st_size for name in files)
 
 
 def test_zero3_shards_parameters(zero3):
@@ -166,7 +181,9 @@ def test_zero3_resume_latest_with_chunked_loss_continues_exactly(zero3, zero3_re
     """Steps 2..3 after resuming from step 1 equal the uninterrupted run: same data order, same
     optimizer (momentum) state; and the chunked loss, whose LM head is gathered under ZeRO-3, gives
     the full loss's numbers and gradients (the tied embedding is both the LM head and the input)."""
-    assert "resuming from" in zero3_resumed["console"] and "checkpoint-1" in zero3_resumed["console"]
+    console = zero3_resumed["console"]
+    assert f"skipping checkpoint {zero3_resumed['dir'] / 'checkpoint-2'}: {zero3_resumed['damaged']} is damaged: 1000 bytes" in console
+    assert f"resuming from {zero3_resumed['dir'] / 'checkpoint-1'}" in console
     assert "loss_impl=chunked" in zero3_resumed["console"]
     resumed = [entry for entry in train_logs(zero3_resumed["dir"]) if entry["step"] > 1]
     uninterrupted = [entry for entry in train_logs(zero3["dir"]) if entry["step"] > 1]

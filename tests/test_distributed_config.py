@@ -29,7 +29,7 @@ def test_ds_config_leaves_the_numbers_to_the_command_line(name):
 
 
 def dry_run(env: dict[str, str], *extra: str) -> str:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE", "PYTHON")}
     full_env.update(DRY_RUN="1", OUTPUT_DIR="out", **env)
     result = subprocess.run(["bash", "scripts/train.sh", *extra], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

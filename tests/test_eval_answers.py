@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -130,3 +131,25 @@ def test_generation_metrics_are_sums_divided_once():
     assert metrics["eval_gen_pass@3"] == 1.0
     assert "eval_gen_pass@1" not in generation_metrics(records[:1], samples=1)
     assert math.isclose(generation_metrics(records, 3, prefix="test")["test_gen_accuracy"], 4 / 6)
+
+
+def test_generation_files_are_read_with_file_line_errors(tmp_path):
+    from eval_generation import GenerationFileError, metric_stem, read_generation_files
+
+    array = tmp_path / "Math-Set.v2.json"
+    array.write_text(json.dumps([{"prompt": "1+1?", "answer": 2}, {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}]))
+    prompts = read_generation_files([str(array)])
+    assert [p.reference for p in prompts] == ["2", "4"] and prompts[1].location == f"{array}:2"
+    assert prompts[0].messages == [{"role": "user", "content": "1+1?"}] and prompts[0].file == metric_stem(str(array)) == "math_set"
+    assert len(read_generation_files([str(array)], max_prompts=1)) == 1
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "answer": 1}\n\n{"prompt": "b", "answer": \n')
+    with pytest.raises(GenerationFileError, match=f"^{broken}:3: not valid JSON"):
+        read_generation_files([str(broken)])
+    with pytest.raises(GenerationFileError, match="generation file not found; check --eval_generation_files"):
+        read_generation_files([str(tmp_path / "missing.jsonl")])
+    bad_turns = tmp_path / "turns.jsonl"
+    bad_turns.write_text(json.dumps({"messages": [{"role": "user"}], "answer": 1}) + "\n")
+    with pytest.raises(GenerationFileError, match=":1: field `messages` must be a non-empty list of"):
+        read_generation_files([str(bad_turns)])

@@ -168,13 +168,13 @@ def test_sampling_flags_are_checked(tmp_path, tiny_model_dir, sample_files, caps
     assert "--eval_generation_samples > 1 needs sampling: give --eval_generation_temperature > 0" in capsys.readouterr().err
 
 
-def test_lora_run_and_evaluate_py_score_the_same_model(tmp_path, tiny_model_dir, sample_files, prompts_file, capsys):
-    """A LoRA run is scored at its end; evaluate.py --adapter on its output gives the same outputs,
+def test_lora_packing_run_and_evaluate_py_score_the_same_model(tmp_path, tiny_model_dir, sample_files, prompts_file, capsys):
+    """A LoRA run with --packing is scored at its end; evaluate.py --adapter on its output gives the same outputs,
     and evaluate.py on the base model gives the base model's, with the loss metrics for --eval_data_files."""
     out = tmp_path / "lora"
     train_dft.main([
         "--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(out),
-        "--use_lora", "True", "--lora_r", "4", "--max_steps", "6", "--learning_rate", "5e-3",
+        "--use_lora", "True", "--lora_r", "4", "--packing", "True", "--max_steps", "6", "--learning_rate", "5e-3",
         "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no",
         "--eval_generation_files", prompts_file, QUESTIONS, "--eval_answer_match", "contains", "--eval_generation_max_new_tokens", "12",
     ])

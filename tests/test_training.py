@@ -157,6 +157,9 @@ def test_sft_alpha_zero_logged_loss_equals_ce_loss(tmp_path, tiny_model_dir, sam
         (["--attn_implementation", "flash_attention_2"], "flash-attn"),
         (["--fp16", "True"], "--fp16"),
         (["--loss_impl", "chunked", "--loss_chunk_size", "0"], "--loss_chunk_size"),
+        (["--chat_template", "no-such-template"], "--chat_template no-such-template: not a file and not a built-in template"),
+        (["--chat_template_kwargs", "{enable_thinking: false}"], "--chat_template_kwargs is not JSON"),
+        (["--train_on_turns", "first"], "--train_on_turns must be all or last"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, sample_files, capsys, extra, message):

@@ -1,0 +1,75 @@
+"""Integration: train_dft.main on tiny random-init models of the real Llama-3.2 vocabulary (128K), whose
+tokenizer has no pad token, and as a base model with no chat template and no ChatML tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import train_dft
+from conftest import tiny_model_for
+from data_utils import DataCollatorForDFT
+from packing import DataCollatorForPacking
+
+DATA = [
+    {"messages": [{"role": "user", "content": f"What is {a} plus {a}?"}, {"role": "assistant", "content": f"{a} plus {a} is {2 * a}."}]}
+    for a in range(12)
+]
+
+
+def write_data(tmp_path) -> str:
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in DATA))
+    return str(path)
+
+
+def train(model_dir: str, data: str, out, *extra: str) -> dict:
+    return train_dft.main([
+        "--model_name_or_path", model_dir, "--data_files", data, "--output_dir", str(out), "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--report_to", "none", "--disable_tqdm", "True",
+        "--max_length", "128", "--logging_steps", "1", "--save_strategy", "no", "--data_cache_dir", "none", *extra,
+    ])
+
+
+@pytest.mark.parametrize("collator", [DataCollatorForDFT, DataCollatorForPacking])
+def test_collators_refuse_a_missing_pad_id_with_what_to_do(collator):
+    with pytest.raises(ValueError, match="pad_token_id must be a token id, got None: give the tokenizer a pad token"):
+        collator(pad_token_id=None)
+
+
+def test_tokenizer_without_pad_token_trains(tmp_path, real_tokenizer_dirs):
+    # Stock Llama-3.2: no pad token; before the fix the first batch died in torch.full(fill_value=None).
+    model_dir = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "model"), tie=False)
+    summary = train(model_dir, write_data(tmp_path), tmp_path / "out")
+    assert summary["first_loss"] > 0
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.pad_token == "<|finetune_right_pad_id|>"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.pad_token_id == saved.pad_token_id
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_base_model_without_chatml_tokens_learns_the_end_of_turn(tmp_path, real_tokenizer_dirs, use_lora):
+    model_dir = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "model"), tie=False)
+    (tmp_path / "model" / "chat_template.jinja").unlink()  # a base model: no template, no <|im_end|>
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = base.get_input_embeddings().weight.shape[0]
+    out = tmp_path / "out"
+    train(model_dir, write_data(tmp_path), out, *(["--use_lora", "--lora_r", "2"] if use_lora else []))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end == rows + 1 and "<|im_end|>" in tokenizer.all_special_tokens
+    if use_lora:
+        # The new rows are trained and saved with the adapter (peft trainable_token_indices), input and head.
+        adapter = load_file(out / "adapter_model.safetensors")
+        deltas = {name: value for name, value in adapter.items() if "trainable_tokens_delta" in name}
+        assert {name.split(".")[-3] for name in deltas} == {"embed_tokens", "lm_head"}
+        for delta in deltas.values():
+            assert delta.shape == (2, base.config.hidden_size) and torch.count_nonzero(delta) > 0
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(out)
+        assert trained.get_input_embeddings().weight.shape[0] == trained.get_output_embeddings().weight.shape[0] == rows + 2
+        assert im_end in trained.generation_config.eos_token_id  # generation stops at the end of a turn
