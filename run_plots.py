@@ -55,14 +55,24 @@ def plot_runs(runs: list[RunCurves], out_path: str, title: str, dpi: int = 100) 
     """Draws every run's curves on one figure, PANEL_COLUMNS panels a row (train: lines; eval: dashed with markers). Headless."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     rows = math.ceil(len(PANELS) / PANEL_COLUMNS)
-    figure = Figure(figsize=(15, 4.2 * rows), dpi=dpi, layout="constrained")  # 1500 x 420 px per row at dpi 100
+    figure = Figure(figsize=(15, 4.2 * rows), dpi=dpi, layout="constrained")  # 1500 x 420 px a row at dpi 100
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, PANEL_COLUMNS, squeeze=False)
     for ax in axes.flat[len(PANELS):]:
         ax.set_visible(False)
+    draw_panels(axes, runs)
+    figure.suptitle(title, fontsize=14)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    figure.savefig(out_path)
+    return out_path
+
+
+def draw_panels(axes, runs: list[RunCurves]) -> None:
+    """The PANELS onto a grid of matplotlib axes, PANEL_COLUMNS a row (also the sweep's compare.png)."""
+    from matplotlib.ticker import MaxNLocator
+
     colors = [f"C{i}" for i in range(10)]
     for ax, (panel_title, train_key, eval_key, ylabel) in zip(axes.flat, PANELS):
         drawn = False
@@ -90,10 +100,6 @@ def plot_runs(runs: list[RunCurves], out_path: str, title: str, dpi: int = 100) 
             ax.legend(fontsize=8, loc="best")
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-    figure.suptitle(title, fontsize=14)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    figure.savefig(out_path)
-    return out_path
 
 
 def run_label(name: str, dft_alpha: Any, loss_type: str | None = None) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 
@@ -71,24 +72,31 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     return tokenizer
 
 
-def pretrain(model, tokenizer, conversations, steps: int, seed: int) -> None:
-    """Plain next-token cross-entropy on whole conversations (no masking): a warm start, not the product."""
+def pretrain(
+    model, tokenizer, conversations, steps: int, seed: int, batch_size: int = 16, learning_rate: float = 3e-3,
+    cosine_decay: bool = False,
+) -> None:
+    """Plain next-token cross-entropy on whole conversations (no masking): a warm start, not the product.
+    (scripts/experiment_small.py pre-trains its base model with it too.)"""
     generator = torch.Generator().manual_seed(seed)
     rows = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
     rows = [r["input_ids"] if isinstance(r, dict) else list(r) for r in rows]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    decay = (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if cosine_decay else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     model.train()
     for step in range(steps):
-        picks = torch.randint(len(rows), (16,), generator=generator).tolist()
+        picks = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
         longest = max(len(rows[i]) for i in picks)
-        input_ids = torch.full((16, longest), tokenizer.pad_token_id)
-        labels = torch.full((16, longest), -100)
+        input_ids = torch.full((batch_size, longest), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, longest), -100)
         for b, i in enumerate(picks):
             input_ids[b, : len(rows[i])] = torch.tensor(rows[i])
             labels[b, : len(rows[i])] = torch.tensor(rows[i])
         loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
         loss.backward()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
         if step % 100 == 0 or step == steps - 1:
             print(f"  pretrain step {step:4d}/{steps}: loss {loss.item():.3f}", flush=True)

@@ -9,7 +9,7 @@
 #   MODEL [assets/tiny-qwen2]  DATA_FILES [data/sample/*]  OUTPUT_DIR [outputs/dft-<timestamp>]
 #   LOG_DIR [OUTPUT_DIR/logs]  NUM_GPUS [all visible]  NUM_PROCS [1: CPU processes when NUM_GPUS is 0]
 #   DS_CONFIG [ds_config/zero3.json on GPUs; on CPU only when set]  NNODES [1]  HOSTFILE
-#   MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]  DFT_ALPHA [1.0]  PYTHON [python]
+#   MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]  DFT_ALPHA [unset: the --loss_type's own]  PYTHON [python]
 #   DRY_RUN [0; 1 prints the command and exits]
 #
 # Launchers: GPUs -> `deepspeed --num_gpus NUM_GPUS` (with --hostfile for NNODES > 1) and DS_CONFIG;
@@ -31,7 +31,7 @@ NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NUM_PROCS="${NUM_PROCS:-1}"
-DFT_ALPHA="${DFT_ALPHA:-1.0}"
+DFT_ALPHA="${DFT_ALPHA:-}"
 PYTHON="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"
 # DeepSpeed compiles its CPU ops once; keep them across runs.
@@ -52,8 +52,9 @@ ARGS=(
   --data_files $DATA_FILES
   --output_dir "$OUTPUT_DIR"
   --logging_dir "$LOG_DIR"
-  --dft_alpha "$DFT_ALPHA"
 )
+# Only when set: --loss_type sft (e.g. from scripts/compare.py) refuses an explicit --dft_alpha.
+if [ -n "$DFT_ALPHA" ]; then ARGS+=(--dft_alpha "$DFT_ALPHA"); fi
 if [ "$MODEL" = "assets/tiny-qwen2" ]; then
   # Demo settings for the tiny model; any of them can be overridden by extra arguments.
   ARGS+=(--num_train_epochs 3 --per_device_train_batch_size 8 --learning_rate 2e-3 --lr_scheduler_type cosine
