@@ -23,11 +23,12 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed  # noqa: E402
 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype  # noqa: E402
-from data_utils import DataCollatorForDFT, DataError, build_datasets, ensure_chat_template  # noqa: E402
+from data_utils import DataCollatorForDFT, DataError, build_datasets  # noqa: E402
 from dft_trainer import DFTTrainer  # noqa: E402
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics  # noqa: E402
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError  # noqa: E402
 from eval_trainer import generations_path  # noqa: E402
+from tokenizer_setup import TokenizerSetup, prepare_model, prepare_tokenizer  # noqa: E402
 from train_dft import UsageError, load_tokenizer  # noqa: E402  (the same loading and error lines as training)
 
 EXIT_BAD_INPUT = 2
@@ -58,22 +59,23 @@ class EvaluateArguments:
 
 
 def load_eval_tokenizer(model_args: ModelArguments, eval_args: EvaluateArguments):
-    """The adapter's run directory's tokenizer when it has one (the one it trained with), else the model's."""
+    """The adapter's run directory's tokenizer when it has one (the one it trained with), else the model's,
+    set up as training sets it up (template, missing control tokens, pad token): a base model is scored as
+    training starts from it, and a checkpoint's saved tokenizer is left as it is."""
     source = model_args
     if eval_args.adapter and os.path.isfile(os.path.join(eval_args.adapter, "tokenizer_config.json")):
         source = ModelArguments(model_name_or_path=eval_args.adapter, trust_remote_code=model_args.trust_remote_code)
     tokenizer = load_tokenizer(source)
-    ensure_chat_template(tokenizer)
-    return tokenizer
+    return tokenizer, prepare_tokenizer(tokenizer, None)
 
 
-def load_eval_model(model_args: ModelArguments, eval_args: EvaluateArguments, training_args, tokenizer):
+def load_eval_model(model_args: ModelArguments, eval_args: EvaluateArguments, training_args, tokenizer, setup: TokenizerSetup):
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=resolve_torch_dtype(model_args, training_args),
         attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
     )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # Rows for tokens added in training (an adapter's trainable_token_indices point past the base vocabulary).
+    prepare_model(model, tokenizer, setup)
     if eval_args.adapter:
         from peft import PeftModel
 
@@ -96,7 +98,7 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args:
         dft_alpha=eval_args.dft_alpha, seed=eval_args.seed, disable_tqdm=True,
     )
     transformers.logging.set_verbosity_warning()  # the table is the output, not the loading chatter
-    tokenizer = load_eval_tokenizer(model_args, eval_args)
+    tokenizer, setup = load_eval_tokenizer(model_args, eval_args)
     # Bad files stop the run before the model loads.
     evaluator = GenerationEvaluator(gen_args, tokenizer) if gen_args.eval_generation_files else None
     eval_dataset = None
@@ -104,7 +106,7 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args:
         data_args = DataArguments(data_files=eval_args.eval_data_files, max_length=eval_args.max_length)
         # The files are read as training files would be; that dataset is what gets scored.
         eval_dataset, _, _ = build_datasets(data_args, tokenizer, training_args)
-    model = load_eval_model(model_args, eval_args, training_args, tokenizer)
+    model = load_eval_model(model_args, eval_args, training_args, tokenizer, setup)
     trainer = DFTTrainer(
         model=model, args=training_args, eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id), generation_evaluator=evaluator,
