@@ -120,7 +120,9 @@ class DFTTrainer(Trainer):
         step_tokens = num_items_in_batch if training else None
         if not training:
             labels = self._mask_eval_padding_duplicates(labels)
-        spec = self.current_loss_spec()
+        # Evaluation scores the target objective (the full --dft_alpha), so eval_loss of evaluations during and
+        # after the alpha warm-up compare (metric_for_best_model); training uses the value in force.
+        spec = self.current_loss_spec() if training else self.args.loss_spec()
         if training:
             self.dft_alpha_in_force = spec.dft_alpha
         if self.reference is not None:
