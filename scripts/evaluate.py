@@ -5,7 +5,8 @@
 
 Generation accuracy (`eval_gen_*`, see eval_generation.py) on the prompt files and, with
 --eval_data_files, the loss metrics on those conversations (eval_loss, eval_ce_loss, eval_avg_p_correct,
-eval_token_accuracy, eval_perplexity), under the names training logs them. Prints a table and writes
+eval_token_accuracy, eval_entropy, eval_low_p_share, eval_perplexity), under the names training logs them.
+The tokenizer and model are set up as training sets them up (tokenizer_setup.py). Prints a table and writes
 DIR/eval_results.json and every generation to DIR/generations/step-0.jsonl. This is how a comparison
 gets its base-model row. Exit code 2 with one line on a bad flag or file.
 """
