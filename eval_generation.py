@@ -331,14 +331,17 @@ class GenerationEvaluator:
         GenerationFileError: a bad generation file.
     """
 
-    def __init__(self, args: GenerationEvalArguments, tokenizer, prompts: list[GenerationPrompt] | None = None):
+    def __init__(self, args: GenerationEvalArguments, tokenizer, prompts: list[GenerationPrompt] | None = None,
+                 chat_template_kwargs: dict | None = None):
         self.args = args
         self.tokenizer = tokenizer
+        # --chat_template_kwargs: prompts are rendered as the training data was (e.g. enable_thinking).
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.prompts = prompts if prompts is not None else read_generation_files(args.eval_generation_files, args.eval_generation_max_prompts)
         self.prompt_ids = [self._encode(p) for p in self.prompts]
 
     def _encode(self, prompt: GenerationPrompt) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, model, rank: int = 0, world_size: int = 1, synced_gpus: bool = False, seed: int = 0) -> list[dict]:

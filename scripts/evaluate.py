@@ -24,6 +24,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed  # noqa: E402
 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype  # noqa: E402
+from data_masking import parse_template_kwargs, template_kwargs  # noqa: E402
 from data_utils import DataCollatorForDFT, DataError, build_datasets  # noqa: E402
 from dft_trainer import DFTTrainer  # noqa: E402
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics  # noqa: E402
@@ -48,6 +49,9 @@ class EvaluateArguments:
         default=None, metadata={"help": "Conversation files (as --data_files takes) for the loss metrics; optional."}
     )
     max_length: int = field(default=2048, metadata={"help": "Tokens per conversation of --eval_data_files."})
+    chat_template_kwargs: str = field(
+        default=None, metadata={"help": 'As for train_dft.py: JSON object of template variables (e.g. \'{"enable_thinking": false}\').'}
+    )
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Conversations per loss batch."})
     dft_alpha: float = field(default=1.0, metadata={"help": "dft_alpha of the reported eval_loss (ce_loss does not depend on it)."})
     seed: int = field(default=42, metadata={"help": "Seed for sampled generation."})
@@ -55,6 +59,7 @@ class EvaluateArguments:
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("--output_dir is required.")
+        parse_template_kwargs(self.chat_template_kwargs)
         if self.adapter and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
             raise ValueError(f"--adapter {self.adapter}: no adapter_config.json there; give a LoRA output or checkpoint directory.")
 
@@ -101,10 +106,12 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args:
     transformers.logging.set_verbosity_warning()  # the table is the output, not the loading chatter
     tokenizer, setup = load_eval_tokenizer(model_args, eval_args)
     # Bad files stop the run before the model loads.
-    evaluator = GenerationEvaluator(gen_args, tokenizer) if gen_args.eval_generation_files else None
+    kwargs = template_kwargs(eval_args)
+    evaluator = GenerationEvaluator(gen_args, tokenizer, chat_template_kwargs=kwargs) if gen_args.eval_generation_files else None
     eval_dataset = None
     if eval_args.eval_data_files:
-        data_args = DataArguments(data_files=eval_args.eval_data_files, max_length=eval_args.max_length)
+        data_args = DataArguments(data_files=eval_args.eval_data_files, max_length=eval_args.max_length,
+                                  chat_template_kwargs=eval_args.chat_template_kwargs)
         # The files are read as training files would be; that dataset is what gets scored.
         eval_dataset, _, _ = build_datasets(data_args, tokenizer, training_args)
     model = load_eval_model(model_args, eval_args, training_args, tokenizer, setup)
