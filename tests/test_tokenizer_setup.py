@@ -97,3 +97,23 @@ def test_evaluate_py_scores_a_lora_adapter_with_added_tokens_and_a_model_without
     results = evaluate.main(["--model_name_or_path", stock, "--output_dir", str(tmp_path / "ev_stock"),
                              "--eval_data_files", write_data(tmp_path), "--max_length", "128", *gen_flags])
     assert results["metrics"]["eval_ce_loss"] > 0
+
+
+def test_merged_lora_model_holds_the_trained_rows_of_added_tokens(tmp_path, real_tokenizer_dirs):
+    """--merge_lora_on_save on a base model that got <|im_start|>/<|im_end|>: the embedding and LM head were saved
+    under peft's wrapper keys (token_adapter.base_layer.weight), so AutoModelForCausalLM loaded both as random."""
+    from peft import PeftModel
+
+    model_dir = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "model"), tie=False)
+    (tmp_path / "model" / "chat_template.jinja").unlink()
+    out = tmp_path / "out"
+    train(model_dir, write_data(tmp_path), out, "--use_lora", "--lora_r", "2", "--merge_lora_on_save")
+    saved = load_file(out / "merged" / "model.safetensors")
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= saved.keys() and not any("token_adapter" in k for k in saved)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(out)))
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    im_start, im_end = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ids = torch.tensor([[im_start, 9906, 11, im_end, 271]])
+    torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)
