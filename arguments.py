@@ -296,6 +296,10 @@ class DFTTrainingArguments(TrainingArguments):
             raise ValueError(f"--dft_min_weight must be in [0, 1), got {self.dft_min_weight}.")
         if not 0.0 <= self.dft_alpha_warmup_ratio < 1.0:
             raise ValueError(f"--dft_alpha_warmup_ratio must be in [0, 1), got {self.dft_alpha_warmup_ratio}.")
+        if self.dft_alpha == 0 and loss_type != "sft":
+            for flag in ("dft_min_weight", "dft_alpha_warmup_ratio"):
+                if getattr(self, flag):
+                    raise ValueError(f"--{flag} has no effect with --dft_alpha 0 (every weight is 1); drop it or raise --dft_alpha.")
         if loss_type != "asft":
             for flag in ("anchor_kl_coef", "anchor_kl_direction"):
                 if getattr(self, flag) is not None:

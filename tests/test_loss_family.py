@@ -45,6 +45,8 @@ def run_main(tmp_path, tiny_model_dir, sample_files, name, *extra):
         (["--loss_type", "eaft", "--eaft_power", "0"], "--eaft_power must be > 0"),
         (["--dft_min_weight", "1.5"], "--dft_min_weight must be in [0, 1)"),
         (["--dft_alpha_warmup_ratio", "1"], "--dft_alpha_warmup_ratio must be in [0, 1)"),
+        (["--dft_alpha", "0", "--dft_alpha_warmup_ratio", "0.5"], "--dft_alpha_warmup_ratio has no effect with --dft_alpha 0"),
+        (["--dft_alpha", "0", "--dft_min_weight", "0.1"], "--dft_min_weight has no effect with --dft_alpha 0"),
     ],
 )
 def test_conflicting_loss_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, sample_files, capsys, extra, message):
