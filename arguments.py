@@ -5,13 +5,13 @@ name the flags. Parsed by `HfArgumentParser` in `train_dft.py`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
 
+from data_masking import parse_template_kwargs
 from data_templates import BUILTIN_TEMPLATES
 from dft_loss import KL_DIRECTIONS, LOSS_TYPES, LossSpec, check_dft_alpha
 from tracking import normalize_report_to
@@ -121,13 +121,7 @@ class DataArguments:
             raise ValueError(f"--chat_template {self.chat_template}: not a file and not a built-in template ({', '.join(BUILTIN_TEMPLATES)}).")
         if self.train_on_turns not in ("all", "last"):
             raise ValueError(f"--train_on_turns must be all or last, got {self.train_on_turns!r}.")
-        if self.chat_template_kwargs:
-            try:
-                kwargs = json.loads(self.chat_template_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--chat_template_kwargs is not JSON ({err.msg}); e.g. '{{\"enable_thinking\": false}}'.") from None
-            if not isinstance(kwargs, dict):
-                raise ValueError("--chat_template_kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'.")
+        parse_template_kwargs(self.chat_template_kwargs)
         if self.max_length < 2:
             raise ValueError(f"--max_length must be at least 2, got {self.max_length}.")
         if not 0 <= self.validation_split_percentage < 100:
@@ -302,6 +296,10 @@ class DFTTrainingArguments(TrainingArguments):
             raise ValueError(f"--dft_min_weight must be in [0, 1), got {self.dft_min_weight}.")
         if not 0.0 <= self.dft_alpha_warmup_ratio < 1.0:
             raise ValueError(f"--dft_alpha_warmup_ratio must be in [0, 1), got {self.dft_alpha_warmup_ratio}.")
+        if self.dft_alpha == 0 and loss_type != "sft":
+            for flag in ("dft_min_weight", "dft_alpha_warmup_ratio"):
+                if getattr(self, flag):
+                    raise ValueError(f"--{flag} has no effect with --dft_alpha 0 (every weight is 1); drop it or raise --dft_alpha.")
         if loss_type != "asft":
             for flag in ("anchor_kl_coef", "anchor_kl_direction"):
                 if getattr(self, flag) is not None:

@@ -45,10 +45,30 @@ class MaskingOptions:
 
     @classmethod
     def from_args(cls, data_args) -> "MaskingOptions":
-        kwargs = getattr(data_args, "chat_template_kwargs", None) or {}
-        if isinstance(kwargs, str):
-            kwargs = json.loads(kwargs)
-        return cls(getattr(data_args, "train_on_turns", "all") or "all", tuple(sorted(kwargs.items())))
+        return cls(getattr(data_args, "train_on_turns", "all") or "all", tuple(sorted(template_kwargs(data_args).items())))
+
+
+def parse_template_kwargs(text: str | None) -> dict:
+    """--chat_template_kwargs (JSON text) as a dict; {} when unset.
+
+    Raises:
+        ValueError: not JSON, or not a JSON object (the message names the flag).
+    """
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--chat_template_kwargs is not JSON ({err.msg}); e.g. '{{\"enable_thinking\": false}}'.") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError("--chat_template_kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'.")
+    return kwargs
+
+
+def template_kwargs(data_args) -> dict:
+    """The --chat_template_kwargs of `data_args` (or any object with that field) as a dict."""
+    kwargs = getattr(data_args, "chat_template_kwargs", None)
+    return parse_template_kwargs(kwargs) if isinstance(kwargs, str) or kwargs is None else dict(kwargs)
 
 
 def _special_token_strings(tokenizer) -> list[str]:

@@ -54,6 +54,8 @@ class DFTTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = True
         self._stat_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
+        # Train stats of this train() call, reduced over ranks: run_summary's token-weighted train_loss.
+        self._session_train_stats: list[float] | None = None
         self._eval_prefix = "eval"
         # Supervised tokens of all ranks, and this rank's tokens, over every optimizer step so far.
         self.tokens_trained: dict[str, torch.Tensor | int] = {"supervised": 0, "local_total": 0}
@@ -78,6 +80,10 @@ class DFTTrainer(Trainer):
         if ratio > 0 and self.state.max_steps > 0:
             alpha *= min(1.0, self.state.global_step / (ratio * self.state.max_steps))
         return self.args.loss_spec(dft_alpha=alpha)
+
+    def train(self, *args, **kwargs):
+        self._session_train_stats = None
+        return super().train(*args, **kwargs)
 
     # ---- loss -----------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -114,7 +120,9 @@ class DFTTrainer(Trainer):
         step_tokens = num_items_in_batch if training else None
         if not training:
             labels = self._mask_eval_padding_duplicates(labels)
-        spec = self.current_loss_spec()
+        # Evaluation scores the target objective (the full --dft_alpha), so eval_loss of evaluations during and
+        # after the alpha warm-up compare (metric_for_best_model); training uses the value in force.
+        spec = self.current_loss_spec() if training else self.args.loss_spec()
         if training:
             self.dft_alpha_in_force = spec.dft_alpha
         if self.reference is not None:
@@ -159,6 +167,10 @@ class DFTTrainer(Trainer):
         current = self._stat_sums[mode]
         self._stat_sums[mode] = stats if current is None else current + stats
 
+    def _add_session_stats(self, stats: list[float]) -> None:
+        session = self._session_train_stats
+        self._session_train_stats = stats if session is None else [a + b for a, b in zip(session, stats)]
+
     def _reduce_stats(self, mode: str) -> list[float]:
         """Sums the mode's stats over ranks (every rank calls log(), so this collective is matched)."""
         stats = self._stat_sums[mode]
@@ -189,12 +201,20 @@ class DFTTrainer(Trainer):
         prefix = self._eval_prefix
         anchored = self.reference is not None
         if "loss" in logs:  # a training logging step
-            metrics = metrics_from_stats(self._reduce_stats("train"), anchored=anchored)
+            stats = self._reduce_stats("train")
+            self._add_session_stats(stats)
+            metrics = metrics_from_stats(stats, anchored=anchored)
             if metrics:
                 # Token-weighted over the window (Trainer's is a mean of per-step losses).
                 logs["loss"] = metrics.pop("dft_loss")
             logs.update(metrics)
             logs["dft_alpha"] = float(self.dft_alpha_in_force)
+        elif "train_loss" in logs:  # the end of train(): every rank logs it, so the reduce is matched
+            self._add_session_stats(self._reduce_stats("train"))  # the steps after the last logging step
+            metrics = metrics_from_stats(self._session_train_stats or [0.0] * len(STAT_FIELDS), anchored=anchored)
+            if metrics:
+                # Token-weighted over this train() call, like the logged `loss` (Trainer's: a mean of step losses).
+                logs["train_loss"] = metrics["dft_loss"]
         elif f"{prefix}_loss" in logs:  # the end of an evaluation
             self._add_eval_metrics(logs, prefix)
         super().log(logs, start_time)

@@ -7,7 +7,7 @@ model answers each prompt (greedy, or `--eval_generation_samples K` samples at
 join the evaluation's:
 
     eval_gen_accuracy            correct outputs / outputs (the mean over samples; pass@1)
-    eval_gen_<file-stem>_accuracy   the same per file, when there are several files
+    eval_gen_<file-stem>_accuracy   the same per file, when there are several files (names: metric_stems)
     eval_gen_pass@k              unbiased pass@k (Chen et al. 2021) for k = 1, 2, 4, ... and K, when K > 1
     eval_gen_finished            outputs that ended with an end-of-turn token, not the token limit
     eval_gen_mean_tokens         generated tokens per output (the end-of-turn token included)
@@ -162,10 +162,33 @@ def _prompt_from_record(record: Any, where: str) -> tuple[Any, list[dict[str, st
     return prompt, [{"role": "user", "content": prompt}], answer
 
 
+def _metric_word(name: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_")
+
+
 def metric_stem(path: str) -> str:
-    """A file's name for metric keys: the stem, lower case, [a-z0-9_] only."""
-    stem = os.path.basename(path).split(".")[0]
-    return re.sub(r"[^a-z0-9_]+", "_", stem.lower()).strip("_") or "file"
+    """A file's name for metric keys: the stem, lower case, [a-z0-9_] only, without a leading `gen_` (the
+    metric prefix says it already: gen_held.jsonl gives eval_gen_held_accuracy, not eval_gen_gen_held_...)."""
+    stem = _metric_word(os.path.basename(path).split(".")[0]) or "file"
+    return re.sub(r"^gen_+", "", stem) or stem
+
+
+def metric_stems(paths: list[str]) -> list[str]:
+    """Distinct metric names for the files: stems shared by several files (gsm8k/test.jsonl, math/test.jsonl)
+    get their folder's name in front (gsm8k_test, math_test), then a number if still shared."""
+    stems = [metric_stem(path) for path in paths]
+    names = [
+        stem if stems.count(stem) == 1 else "_".join(filter(None, [_metric_word(os.path.basename(os.path.dirname(os.path.abspath(path)))), stem]))
+        for path, stem in zip(paths, stems)
+    ]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        if names.count(name) > 1:  # the same file twice, or folders of one name
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name}_{seen[name]}"
+        unique.append(name)
+    return unique
 
 
 def read_generation_files(paths: list[str], max_prompts: int | None = None) -> list[GenerationPrompt]:
@@ -175,14 +198,14 @@ def read_generation_files(paths: list[str], max_prompts: int | None = None) -> l
         GenerationFileError: a missing file, invalid JSON or a bad record (the message names file:line:field).
     """
     prompts: list[GenerationPrompt] = []
-    for path in paths:
+    for path, stem in zip(paths, metric_stems(paths)):
         if not os.path.isfile(path):
             raise GenerationFileError(f"{path}: generation file not found; check --eval_generation_files")
         file_prompts = []
         for number, record in _records(path):
             where = f"{path}:{number}"
             prompt, messages, answer = _prompt_from_record(record, where)
-            file_prompts.append(GenerationPrompt(metric_stem(path), where, prompt, messages, answer))
+            file_prompts.append(GenerationPrompt(stem, where, prompt, messages, answer))
             if max_prompts is not None and len(file_prompts) >= max_prompts:
                 break
         if not file_prompts:
@@ -308,14 +331,17 @@ class GenerationEvaluator:
         GenerationFileError: a bad generation file.
     """
 
-    def __init__(self, args: GenerationEvalArguments, tokenizer, prompts: list[GenerationPrompt] | None = None):
+    def __init__(self, args: GenerationEvalArguments, tokenizer, prompts: list[GenerationPrompt] | None = None,
+                 chat_template_kwargs: dict | None = None):
         self.args = args
         self.tokenizer = tokenizer
+        # --chat_template_kwargs: prompts are rendered as the training data was (e.g. enable_thinking).
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.prompts = prompts if prompts is not None else read_generation_files(args.eval_generation_files, args.eval_generation_max_prompts)
         self.prompt_ids = [self._encode(p) for p in self.prompts]
 
     def _encode(self, prompt: GenerationPrompt) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, model, rank: int = 0, world_size: int = 1, synced_gpus: bool = False, seed: int = 0) -> list[dict]:

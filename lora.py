@@ -157,7 +157,8 @@ def merged_state_dict(peft_model, on_this_rank: bool = True) -> dict[str, torch.
     """The base model's state dict with every LoRA layer merged (W + scale * B @ A), as CPU tensors.
 
     Collective under ZeRO-3: call it on every rank; only ranks with `on_this_rank` build the dict.
-    Keys are the base model's own (no `base_model.model.` prefix, no `base_layer`), so the dict loads
+    Embedding and LM-head rows of tokens added in training (peft trainable_token_indices) are written into
+    those weights. Keys are the base model's own (no `base_model.model.` prefix, no `base_layer`), so the dict loads
     into `AutoModelForCausalLM`. A weight shared by two modules (tied embeddings) keeps one storage
     unless one side carries an adapter.
     """
@@ -187,6 +188,17 @@ def merged_state_dict(peft_model, on_this_rank: bool = True) -> dict[str, torch.
                         if adapter in module.lora_A:
                             weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
                     state[prefix + "weight"] = weight.to("cpu", copy=True)
+                    if getattr(layer, "bias", None) is not None:
+                        state[prefix + "bias"] = copy(layer.bias)
+            continue
+        token_adapter = getattr(module, "token_adapter", None)
+        if token_adapter is not None:  # trainable_token_indices: the new tokens' rows replace the base rows
+            lora_prefixes.append(prefix)
+            layer = token_adapter.get_base_layer()
+            with _gathered(list(module.parameters())):
+                if on_this_rank:
+                    weight = token_adapter.get_merged_weights(token_adapter.active_adapters)
+                    state[prefix + "weight"] = weight.detach().to("cpu", copy=True)
                     if getattr(layer, "bias", None) is not None:
                         state[prefix + "bias"] = copy(layer.bias)
             continue

@@ -16,6 +16,7 @@ import time
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype
+from data_masking import template_kwargs
 from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
 from dft_trainer import DFTTrainer
 from checkpoints import (
@@ -104,7 +105,7 @@ def run(
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
     data_collator = DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id)
-    generation_evaluator = GenerationEvaluator(gen_args, tokenizer, prompts) if prompts else None
+    generation_evaluator = GenerationEvaluator(gen_args, tokenizer, prompts, template_kwargs(data_args)) if prompts else None
     if data_args.packing:
         train_dataset, eval_dataset, data_collator, data_summary["packing"] = apply_packing(
             train_dataset, eval_dataset, data_args.max_length, model_args.attn_implementation, tokenizer.pad_token_id,

@@ -5,7 +5,8 @@
 
 Generation accuracy (`eval_gen_*`, see eval_generation.py) on the prompt files and, with
 --eval_data_files, the loss metrics on those conversations (eval_loss, eval_ce_loss, eval_avg_p_correct,
-eval_token_accuracy, eval_perplexity), under the names training logs them. Prints a table and writes
+eval_token_accuracy, eval_entropy, eval_low_p_share, eval_perplexity), under the names training logs them.
+The tokenizer and model are set up as training sets them up (tokenizer_setup.py). Prints a table and writes
 DIR/eval_results.json and every generation to DIR/generations/step-0.jsonl. This is how a comparison
 gets its base-model row. Exit code 2 with one line on a bad flag or file.
 """
@@ -23,11 +24,13 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed  # noqa: E402
 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype  # noqa: E402
-from data_utils import DataCollatorForDFT, DataError, build_datasets, ensure_chat_template  # noqa: E402
+from data_masking import parse_template_kwargs, template_kwargs  # noqa: E402
+from data_utils import DataCollatorForDFT, DataError, build_datasets  # noqa: E402
 from dft_trainer import DFTTrainer  # noqa: E402
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics  # noqa: E402
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError  # noqa: E402
 from eval_trainer import generations_path  # noqa: E402
+from tokenizer_setup import TokenizerSetup, prepare_model, prepare_tokenizer  # noqa: E402
 from train_dft import UsageError, load_tokenizer  # noqa: E402  (the same loading and error lines as training)
 
 EXIT_BAD_INPUT = 2
@@ -46,6 +49,9 @@ class EvaluateArguments:
         default=None, metadata={"help": "Conversation files (as --data_files takes) for the loss metrics; optional."}
     )
     max_length: int = field(default=2048, metadata={"help": "Tokens per conversation of --eval_data_files."})
+    chat_template_kwargs: str = field(
+        default=None, metadata={"help": 'As for train_dft.py: JSON object of template variables (e.g. \'{"enable_thinking": false}\').'}
+    )
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Conversations per loss batch."})
     dft_alpha: float = field(default=1.0, metadata={"help": "dft_alpha of the reported eval_loss (ce_loss does not depend on it)."})
     seed: int = field(default=42, metadata={"help": "Seed for sampled generation."})
@@ -53,27 +59,29 @@ class EvaluateArguments:
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("--output_dir is required.")
+        parse_template_kwargs(self.chat_template_kwargs)
         if self.adapter and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
             raise ValueError(f"--adapter {self.adapter}: no adapter_config.json there; give a LoRA output or checkpoint directory.")
 
 
 def load_eval_tokenizer(model_args: ModelArguments, eval_args: EvaluateArguments):
-    """The adapter's run directory's tokenizer when it has one (the one it trained with), else the model's."""
+    """The adapter's run directory's tokenizer when it has one (the one it trained with), else the model's,
+    set up as training sets it up (template, missing control tokens, pad token): a base model is scored as
+    training starts from it, and a checkpoint's saved tokenizer is left as it is."""
     source = model_args
     if eval_args.adapter and os.path.isfile(os.path.join(eval_args.adapter, "tokenizer_config.json")):
         source = ModelArguments(model_name_or_path=eval_args.adapter, trust_remote_code=model_args.trust_remote_code)
     tokenizer = load_tokenizer(source)
-    ensure_chat_template(tokenizer)
-    return tokenizer
+    return tokenizer, prepare_tokenizer(tokenizer, None)
 
 
-def load_eval_model(model_args: ModelArguments, eval_args: EvaluateArguments, training_args, tokenizer):
+def load_eval_model(model_args: ModelArguments, eval_args: EvaluateArguments, training_args, tokenizer, setup: TokenizerSetup):
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=resolve_torch_dtype(model_args, training_args),
         attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
     )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # Rows for tokens added in training (an adapter's trainable_token_indices point past the base vocabulary).
+    prepare_model(model, tokenizer, setup)
     if eval_args.adapter:
         from peft import PeftModel
 
@@ -96,15 +104,17 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args:
         dft_alpha=eval_args.dft_alpha, seed=eval_args.seed, disable_tqdm=True,
     )
     transformers.logging.set_verbosity_warning()  # the table is the output, not the loading chatter
-    tokenizer = load_eval_tokenizer(model_args, eval_args)
+    tokenizer, setup = load_eval_tokenizer(model_args, eval_args)
     # Bad files stop the run before the model loads.
-    evaluator = GenerationEvaluator(gen_args, tokenizer) if gen_args.eval_generation_files else None
+    kwargs = template_kwargs(eval_args)
+    evaluator = GenerationEvaluator(gen_args, tokenizer, chat_template_kwargs=kwargs) if gen_args.eval_generation_files else None
     eval_dataset = None
     if eval_args.eval_data_files:
-        data_args = DataArguments(data_files=eval_args.eval_data_files, max_length=eval_args.max_length)
+        data_args = DataArguments(data_files=eval_args.eval_data_files, max_length=eval_args.max_length,
+                                  chat_template_kwargs=eval_args.chat_template_kwargs)
         # The files are read as training files would be; that dataset is what gets scored.
         eval_dataset, _, _ = build_datasets(data_args, tokenizer, training_args)
-    model = load_eval_model(model_args, eval_args, training_args, tokenizer)
+    model = load_eval_model(model_args, eval_args, training_args, tokenizer, setup)
     trainer = DFTTrainer(
         model=model, args=training_args, eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id), generation_evaluator=evaluator,

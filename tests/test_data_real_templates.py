@@ -23,6 +23,7 @@ from data_masking import (
     MaskingOptions,
 )
 from dft_loss import IGNORE_INDEX
+from test_data_masking import supervised_spans
 from tokenizer_setup import prepare_tokenizer
 
 R1_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
@@ -70,17 +71,7 @@ def load(real_tokenizer, name: str, fresh: bool = False):
 
 def spans_of(tokenizer, row) -> list[str]:
     """Decoded text of each run of consecutive supervised tokens."""
-    spans, run = [], []
-    for token_id, label in zip(row["input_ids"], row["labels"]):
-        if label != IGNORE_INDEX:
-            assert label == token_id
-            run.append(int(token_id))
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    if run:
-        spans.append(tokenizer.decode(run))
-    return spans
+    return supervised_spans(tokenizer, row["input_ids"], row["labels"])
 
 
 def examples(encoder, record) -> tuple[list[dict], str | None]:

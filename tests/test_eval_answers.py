@@ -153,3 +153,24 @@ def test_generation_files_are_read_with_file_line_errors(tmp_path):
     bad_turns.write_text(json.dumps({"messages": [{"role": "user"}], "answer": 1}) + "\n")
     with pytest.raises(GenerationFileError, match=":1: field `messages` must be a non-empty list of"):
         read_generation_files([str(bad_turns)])
+
+
+def test_generation_files_get_distinct_metric_names_without_a_doubled_gen(tmp_path):
+    """Two files named test.jsonl in different folders were merged into one metric name (and, being "one file",
+    got no per-file accuracy at all); gen_held.jsonl gave eval_gen_gen_held_accuracy."""
+    from eval_generation import metric_stem, read_generation_files
+
+    paths = []
+    for folder, name in (("gsm8k", "test.jsonl"), ("math", "test.jsonl"), ("sets", "gen_held.jsonl"), ("sets", "gen.jsonl")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        path = tmp_path / folder / name
+        path.write_text('{"prompt": "1+1?", "answer": 2}\n')
+        paths.append(str(path))
+    prompts = read_generation_files(paths)
+    assert [p.file for p in prompts] == ["gsm8k_test", "math_test", "held", "gen"]
+    assert metric_stem("gen-Held.v2.jsonl") == "held" and metric_stem("general.jsonl") == "general"
+    assert [p.file for p in read_generation_files([paths[0], paths[0]])] == ["gsm8k_test_1", "gsm8k_test_2"]
+    records = [{"index": i, "sample": 0, "file": p.file, "correct": i == 0, "finished": True, "tokens": 1} for i, p in enumerate(prompts)]
+    metrics = generation_metrics(records, samples=1)
+    assert metrics["eval_gen_gsm8k_test_accuracy"] == 1.0 and metrics["eval_gen_math_test_accuracy"] == 0.0
+    assert "eval_gen_held_accuracy" in metrics

@@ -247,3 +247,28 @@ def test_bench_generation_reports_tokens_per_second(capsys):
     assert printed == result and result["same_outputs_for_every_batch_size"]
     assert [r["batch_size"] for r in result["runs"]] == [1, 3]
     assert all(r["prompts"] == 6 and r["generated_tokens"] > 0 and r["tokens_per_cpu_s"] > 0 for r in result["runs"])
+
+
+def test_generation_prompts_render_with_the_chat_template_kwargs_of_training(tmp_path, tiny_model_dir, sample_files, prompts_file):
+    """Training rendered Qwen3's template with enable_thinking false (an empty think block after the header);
+    generation prompts were rendered without it, so the model was scored on prompts it was not trained on."""
+    template = str(ROOT / "tests" / "fixtures" / "templates" / "qwen3.jinja")
+    kwargs = '{"enable_thinking": false}'
+    out = tmp_path / "qwen3"
+    train_dft.main([
+        "--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(out), "--max_steps", "1",
+        "--learning_rate", "0", "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no",
+        "--data_cache_dir", "none", "--chat_template", template, "--chat_template_kwargs", kwargs,
+        "--eval_generation_files", prompts_file, "--eval_generation_max_new_tokens", "8",
+    ])
+    trained = [r["output"] for r in read_jsonl(out / "generations" / "step-1.jsonl")]
+    args = GenerationEvalArguments(eval_generation_files=[prompts_file], eval_generation_max_new_tokens=8)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    evaluator = GenerationEvaluator(args, tokenizer, chat_template_kwargs={"enable_thinking": False})
+    assert tokenizer.decode(evaluator.prompt_ids[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert [r["output"] for r in evaluator.evaluate(model)[1]] == trained
+
+    scored = load_script("evaluate").main(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "ev"), "--eval_generation_files",
+                                           prompts_file, "--eval_generation_max_new_tokens", "8", "--chat_template_kwargs", kwargs])
+    assert [r["output"] for r in read_jsonl(Path(scored["generations"]))] == trained

@@ -45,6 +45,8 @@ def run_main(tmp_path, tiny_model_dir, sample_files, name, *extra):
         (["--loss_type", "eaft", "--eaft_power", "0"], "--eaft_power must be > 0"),
         (["--dft_min_weight", "1.5"], "--dft_min_weight must be in [0, 1)"),
         (["--dft_alpha_warmup_ratio", "1"], "--dft_alpha_warmup_ratio must be in [0, 1)"),
+        (["--dft_alpha", "0", "--dft_alpha_warmup_ratio", "0.5"], "--dft_alpha_warmup_ratio has no effect with --dft_alpha 0"),
+        (["--dft_alpha", "0", "--dft_min_weight", "0.1"], "--dft_min_weight has no effect with --dft_alpha 0"),
     ],
 )
 def test_conflicting_loss_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, sample_files, capsys, extra, message):
@@ -97,6 +99,17 @@ def test_dft_alpha_warmup_logs_the_value_in_force(tmp_path, tiny_model_dir, samp
     logs, _ = run_main(tmp_path, tiny_model_dir, sample_files, "warm", "--max_steps", "4", "--logging_steps", "1", "--dft_alpha_warmup_ratio", "0.5")
     assert [entry["dft_alpha"] for entry in logs] == [0.0, 0.5, 1.0, 1.0]
     assert logs[0]["loss"] == pytest.approx(logs[0]["ce_loss"], rel=1e-9)  # alpha 0: plain cross-entropy
+
+
+def test_evaluation_during_the_alpha_warmup_scores_the_full_alpha(tmp_path, tiny_model_dir, sample_files):
+    # Learning rate 0: the model never changes, so eval_loss at step 0 (alpha in force 0) and at step 2 (1) must agree;
+    # before, step 0 reported cross-entropy and a best-model choice by eval_loss compared two objectives.
+    _, evals = run_main(tmp_path, tiny_model_dir, sample_files, "warm_eval", "--max_steps", "2", "--learning_rate", "0",
+                        "--dft_alpha_warmup_ratio", "0.5", "--eval_data_files", sample_files[1], "--eval_strategy", "steps",
+                        "--eval_steps", "2", "--eval_on_start", "True")
+    assert [entry["step"] for entry in evals] == [0, 2]
+    assert evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-9)
+    assert evals[0]["eval_loss"] < 0.5 * evals[0]["eval_ce_loss"]  # the DFT loss, not cross-entropy
 
 
 def _rows(tokenizer, sample_files, count=4):

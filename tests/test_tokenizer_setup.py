@@ -73,3 +73,47 @@ def test_base_model_without_chatml_tokens_learns_the_end_of_turn(tmp_path, real_
         trained = AutoModelForCausalLM.from_pretrained(out)
         assert trained.get_input_embeddings().weight.shape[0] == trained.get_output_embeddings().weight.shape[0] == rows + 2
         assert im_end in trained.generation_config.eos_token_id  # generation stops at the end of a turn
+
+
+def test_evaluate_py_scores_a_lora_adapter_with_added_tokens_and_a_model_without_pad(tmp_path, real_tokenizer_dirs):
+    """evaluate.py sets the tokenizer and model up as training does: before the fix the adapter of a base model
+    that got <|im_start|>/<|im_end|> died in peft (IndexError: its token rows lie past the base vocabulary), and
+    a stock Llama-3.2 (no pad token) with --eval_data_files was refused."""
+    from test_eval_generation import load_script, read_jsonl
+
+    model_dir = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "model"), tie=False)
+    (tmp_path / "model" / "chat_template.jinja").unlink()
+    prompts = tmp_path / "gen.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {a} plus {a}?", "answer": 2 * a}) + "\n" for a in range(3)))
+    gen_flags = ["--eval_generation_files", str(prompts), "--eval_generation_max_new_tokens", "6"]
+    out = tmp_path / "out"
+    train(model_dir, write_data(tmp_path), out, "--use_lora", "--lora_r", "2", *gen_flags)
+    evaluate = load_script("evaluate")
+    evaluate.main(["--model_name_or_path", model_dir, "--adapter", str(out), "--output_dir", str(tmp_path / "ev"), *gen_flags])
+    scored = read_jsonl(tmp_path / "ev" / "generations" / "step-0.jsonl")
+    assert [r["output"] for r in scored] == [r["output"] for r in read_jsonl(out / "generations" / "step-3.jsonl")]
+
+    stock = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "stock"), tie=False)
+    results = evaluate.main(["--model_name_or_path", stock, "--output_dir", str(tmp_path / "ev_stock"),
+                             "--eval_data_files", write_data(tmp_path), "--max_length", "128", *gen_flags])
+    assert results["metrics"]["eval_ce_loss"] > 0
+
+
+def test_merged_lora_model_holds_the_trained_rows_of_added_tokens(tmp_path, real_tokenizer_dirs):
+    """--merge_lora_on_save on a base model that got <|im_start|>/<|im_end|>: the embedding and LM head were saved
+    under peft's wrapper keys (token_adapter.base_layer.weight), so AutoModelForCausalLM loaded both as random."""
+    from peft import PeftModel
+
+    model_dir = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "model"), tie=False)
+    (tmp_path / "model" / "chat_template.jinja").unlink()
+    out = tmp_path / "out"
+    train(model_dir, write_data(tmp_path), out, "--use_lora", "--lora_r", "2", "--merge_lora_on_save")
+    saved = load_file(out / "merged" / "model.safetensors")
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= saved.keys() and not any("token_adapter" in k for k in saved)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(out)))
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    im_start, im_end = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ids = torch.tensor([[im_start, 9906, 11, im_end, 271]])
+    torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)

@@ -255,3 +255,18 @@ def test_every_flag_users_launch_with_is_accepted(tmp_path, tiny_model_dir, samp
     assert training_args.gradient_accumulation_steps == 4 and training_args.save_total_limit == 2
     assert training_args.save_only_model and not training_args.remove_unused_columns
     assert training_args.ddp_find_unused_parameters is False and training_args.loss_impl == "full"
+
+
+def test_run_summary_train_loss_is_token_weighted_over_the_run_like_the_logged_loss(tmp_path, tiny_model_dir, sample_files):
+    # With the learning rate at 0 both runs see the same losses: one logging window over all 4 steps gives the
+    # token-weighted loss of the run; train_loss must equal it also when the last step is after the last log.
+    def run(name: str, logging_steps: str) -> dict:
+        return train_dft.main([
+            "--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(tmp_path / name),
+            "--max_steps", "4", "--per_device_train_batch_size", "3", "--logging_steps", logging_steps, "--learning_rate", "0",
+            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True",
+        ])
+
+    one_window = run("one", "4")
+    assert one_window["train_loss"] == pytest.approx(one_window["last_loss"], rel=1e-6)
+    assert run("split", "3")["train_loss"] == pytest.approx(one_window["last_loss"], rel=1e-6)
