@@ -65,6 +65,21 @@ def prepare_process_group(argv: list[str]) -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
+def close_process_group() -> None:
+    """Destroys the default process group, if any, before the interpreter exits.
+
+    Without it a gloo rank that finishes first (rank 0 is still writing the model) tears its process
+    group down during interpreter finalisation, and gloo's worker threads can abort the process
+    ("terminate called without an active exception", SIGABRT): a finished run then exits non-zero and
+    the launcher reports it FAILED. Local to this rank; no collective, so it cannot hang on a rank
+    that already left.
+    """
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def zero3_partition_sizes(model) -> tuple[int, int] | None:
     """(elements this rank stores, elements of the full model) under ZeRO-3, else None.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -71,3 +72,21 @@ def test_deepspeed_requested(tmp_path):
     assert deepspeed_requested([str(config)])
     config.write_text("model_name_or_path: m\n")
     assert not deepspeed_requested([str(config)])
+
+
+def test_a_launched_rank_closes_its_process_group_on_every_exit(tmp_path):
+    """train_dft.py run as a script destroys the process group before the interpreter exits, also when
+    it stops on bad input: a gloo group left for interpreter finalisation can abort a rank that finished
+    first (SIGABRT, "terminate called without an active exception"), failing a finished run."""
+    probe = (
+        "import runpy, sys, torch\n"
+        "sys.argv = ['train_dft.py', '--deepspeed', 'ds_config/zero3.json', '--use_cpu', 'True',\n"
+        f"            '--output_dir', {str(tmp_path / 'out')!r}, '--loss_type', 'sft', '--dft_min_weight', '0.1']\n"
+        "try:\n"
+        "    runpy.run_path('train_dft.py', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    print('exit', stop.code, 'group open', torch.distributed.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "exit 2 group open False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
