@@ -65,14 +65,32 @@ def _route_through_root(name: str, level: int) -> None:
     library_logger.propagate = True
 
 
-def setup_logging(logging_dir: str | None = None, log_file_name: str = "train.log") -> logging.Logger:
+def library_log_level(log_level: str = "passive", log_level_replica: str = "warning") -> int:
+    """The level of the libraries' loggers (transformers, datasets, DeepSpeed) on this rank.
+
+    HF's `--log_level` (rank 0) and `--log_level_replica` (other ranks), so `--log_level warning` hides
+    the model-config dumps and DeepSpeed's banner while the run's own lines (data report, metrics) stay.
+    `passive` keeps the default: INFO on rank 0. Other ranks never go below WARNING: they only warn.
+    """
+    rank0 = get_rank() == 0
+    default = logging.INFO if rank0 else logging.WARNING
+    name = log_level if rank0 else log_level_replica
+    if name == "passive":
+        return default
+    chosen = logging.getLevelName(name.upper())
+    return chosen if rank0 else max(chosen, logging.WARNING)
+
+
+def setup_logging(logging_dir: str | None = None, log_file_name: str = "train.log", library_level: int | None = None) -> logging.Logger:
     """Configures the root logger and the transformers/datasets/deepspeed loggers for this rank.
 
     Rank 0: INFO to stderr and, when `logging_dir` is given, appended to `logging_dir/log_file_name`.
-    Other ranks: WARNING and above to stderr only. Returns the project logger.
+    Other ranks: WARNING and above to stderr only. `library_level` (see `library_log_level`) sets the
+    libraries' loggers apart from the project's. Returns the project logger.
     """
     rank, world = get_rank(), get_world_size()
     level = logging.INFO if rank == 0 else logging.WARNING
+    library = level if library_level is None else library_level
     formatter = PrefixEveryLineFormatter(FORMAT.format(rank=rank, world=world), datefmt=DATE_FORMAT)
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -92,17 +110,17 @@ def setup_logging(logging_dir: str | None = None, log_file_name: str = "train.lo
     import datasets
     import transformers
 
-    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(library)
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
-    datasets.utils.logging.set_verbosity(level)
-    _route_through_root("datasets", level)
+    datasets.utils.logging.set_verbosity(library)
+    _route_through_root("datasets", library)
     if rank != 0:
         datasets.utils.logging.disable_progress_bar()
     # DeepSpeed installs its own stdout handler on the "DeepSpeed" logger when it is first imported;
     # re-route it now if it is loaded (train_dft imports it before this under --deepspeed).
     for name in LIBRARY_LOGGERS:
-        _route_through_root(name, level)
+        _route_through_root(name, library)
     logging.captureWarnings(True)  # Python warnings (once per call site) get the same prefix
     logging.getLogger("dft").setLevel(level)
     return logging.getLogger("dft")

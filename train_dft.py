@@ -24,7 +24,7 @@ from checkpoints import (
     save_failures_as_errors,
 )
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
-from dist_logger import is_main_process, setup_logging, use_logging_for_metrics
+from dist_logger import is_main_process, library_log_level, setup_logging, use_logging_for_metrics
 from distributed import close_process_group, log_zero3_partition, prepare_process_group
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
 from packing import apply_packing, check_model_for_packing, check_packing_attention
@@ -91,7 +91,10 @@ def run(
     lora_args = lora_args or LoraArguments()
     gen_args = gen_args or GenerationEvalArguments()
     check_output_dirs(training_args)  # a file, unwritable or a full disk: one line now, not after loading
-    logger = setup_logging(training_args.logging_dir if is_main_process() else None)
+    logger = setup_logging(
+        training_args.logging_dir if is_main_process() else None,
+        library_level=library_log_level(training_args.log_level, training_args.log_level_replica),
+    )
     started = time.time()
     set_seed(training_args.seed)
     configure_progress_bars(training_args)

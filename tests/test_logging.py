@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 
+import datasets
 import pytest
 import transformers
 
@@ -17,7 +18,9 @@ from dist_helpers import LOG_LINE
 def restore_logging():
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, transformers.utils.logging.get_verbosity())
+    saved_datasets = datasets.utils.logging.get_verbosity()
     yield
+    datasets.utils.logging.set_verbosity(saved_datasets)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         if handler not in saved[0]:
@@ -85,6 +88,36 @@ def test_python_warnings_become_prefixed_log_lines(monkeypatch, capsys, restore_
         warnings.warn("deprecated thing", FutureWarning)
     err = capsys.readouterr().err
     assert re.search(r" WARNING \[rank 1/2\] py.warnings: .*FutureWarning: deprecated thing", err)
+
+
+@pytest.mark.parametrize(
+    "rank, log_level, log_level_replica, expected",
+    [("0", "passive", "warning", logging.INFO), ("0", "warning", "warning", logging.WARNING),
+     ("0", "debug", "warning", logging.DEBUG), ("1", "passive", "info", logging.WARNING),
+     ("1", "passive", "error", logging.ERROR), ("1", "debug", "passive", logging.WARNING)],
+)
+def test_library_log_level_follows_hf_flags_and_replicas_only_warn(monkeypatch, rank, log_level, log_level_replica, expected):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dist_logger.library_log_level(log_level, log_level_replica) == expected
+
+
+@pytest.mark.integration
+def test_log_level_warning_quiets_the_libraries_not_the_run(tmp_path, tiny_model_dir, sample_files, monkeypatch, capsys, restore_logging):
+    import train_dft
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = ["--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--max_steps", "1",
+            "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "True"]
+    train_dft.main(args + ["--output_dir", str(tmp_path / "default")])
+    assert "transformers.configuration_utils: loading configuration file" in capsys.readouterr().err
+    train_dft.main(args + ["--output_dir", str(tmp_path / "quiet"), "--log_level", "warning"])
+    err = capsys.readouterr().err
+    # (Argument parsing, before the logging set-up, still speaks at the previous run's level in this process.)
+    assert "transformers.configuration_utils:" not in err and "transformers.trainer:" not in err
+    assert "dft: data report" in err and "dft: step 1/1:" in err  # the run's own lines stay
 
 
 def test_metrics_line_is_compact_and_ordered():
