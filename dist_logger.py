@@ -115,8 +115,9 @@ def setup_logging(logging_dir: str | None = None, log_file_name: str = "train.lo
     transformers.utils.logging.enable_propagation()
     datasets.utils.logging.set_verbosity(library)
     _route_through_root("datasets", library)
-    if rank != 0:
+    if rank != 0:  # one bar per run (rank 0's), not one per process, e.g. transformers' "Loading weights"
         datasets.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     # DeepSpeed installs its own stdout handler on the "DeepSpeed" logger when it is first imported;
     # re-route it now if it is loaded (train_dft imports it before this under --deepspeed).
     for name in LIBRARY_LOGGERS:

@@ -9,6 +9,9 @@ eval_token_accuracy, eval_entropy, eval_low_p_share, eval_perplexity), under the
 The tokenizer and model are set up as training sets them up (tokenizer_setup.py). Prints a table and writes
 DIR/eval_results.json and every generation to DIR/generations/step-0.jsonl. This is how a comparison
 gets its base-model row. Exit code 2 with one line on a bad flag or file.
+
+Several processes (`torchrun --nproc_per_node N scripts/evaluate.py ...`) split the prompts and the
+conversations between them and gather the results: the same metrics as one process.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from data_masking import parse_template_kwargs, template_kwargs  # noqa: E402
 from data_utils import DataCollatorForDFT, DataError, build_datasets  # noqa: E402
 from dft_trainer import DFTTrainer  # noqa: E402
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics  # noqa: E402
+from distributed import close_process_group  # noqa: E402
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError  # noqa: E402
 from eval_trainer import generations_path  # noqa: E402
 from tokenizer_setup import TokenizerSetup, prepare_model, prepare_tokenizer  # noqa: E402
@@ -153,4 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        close_process_group()  # under torchrun (see distributed.py)

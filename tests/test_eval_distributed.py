@@ -9,11 +9,13 @@ of calls would hang, and every rank takes part in every forward (synced_gpus).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dist_helpers import ROOT, SGD_ARGS, launch, write_small_data
+from dist_helpers import ROOT, SGD_ARGS, child_env, free_port, launch, write_small_data
 
 pytestmark = pytest.mark.distributed
 QUESTIONS = ROOT / "data" / "sample_eval" / "questions.jsonl"
@@ -72,3 +74,30 @@ def test_two_processes_score_every_prompt_once_like_one_process(runs, name):
     final = generations(runs[name], 2)
     assert many[1]["eval_gen_accuracy"] == pytest.approx(sum(r["correct"] for r in final) / 7)
     assert "eval_loss" in many[1]
+
+
+def test_evaluate_py_under_torchrun_gives_one_process_metrics(tmp_path):
+    """scripts/evaluate.py launched on 2 processes scores every prompt and conversation once: the same
+    generations and metrics as one process, results written once, both processes exiting 0."""
+    data_file = write_small_data(tmp_path, conversations=8)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(QUESTIONS.read_text(encoding="utf-8").splitlines(keepends=True)[:7]), encoding="utf-8")
+    flags = ["--model_name_or_path", str(ROOT / "assets" / "tiny-qwen2"), "--eval_generation_files", str(prompts),
+             "--eval_data_files", data_file, "--per_device_eval_batch_size", "3", "--eval_generation_batch_size", "2",
+             "--eval_generation_max_new_tokens", "12"]
+    results = {}
+    for procs in (1, 2):
+        out = tmp_path / f"procs{procs}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), "scripts/evaluate.py", *flags, "--output_dir", str(out)]
+        run = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        results[procs] = json.loads((out / "eval_results.json").read_text())["metrics"]
+        records = generations(out, 0)
+        assert [r["index"] for r in records] == list(range(7)), f"{procs} processes: prompts lost or doubled"
+    one, two = results[1], results[2]
+    for key in ("eval_gen_accuracy", "eval_gen_finished", "eval_gen_mean_tokens"):
+        assert two[key] == one[key], key
+    for key in ("eval_ce_loss", "eval_loss", "eval_avg_p_correct", "eval_token_accuracy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert [r["output"] for r in generations(tmp_path / "procs2", 0)] == [r["output"] for r in generations(tmp_path / "procs1", 0)]

@@ -19,8 +19,14 @@ def restore_logging():
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, transformers.utils.logging.get_verbosity())
     saved_datasets = datasets.utils.logging.get_verbosity()
+    saved_bars = (datasets.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled())
     yield
     datasets.utils.logging.set_verbosity(saved_datasets)
+    for library, enabled in zip((datasets.utils.logging, transformers.utils.logging), saved_bars):
+        if enabled:
+            library.enable_progress_bar()
+        else:
+            library.disable_progress_bar()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         if handler not in saved[0]:
@@ -62,6 +68,9 @@ def test_other_ranks_only_warn_and_write_no_file(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and re.search(r" WARNING \[rank 1/2\] dft: shown$", err[0])
     assert not (tmp_path / "logs").exists()
+    # No progress bar of any library on other ranks (model loading, tokenisation): rank 0's is the run's.
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    assert not datasets.utils.logging.is_progress_bar_enabled()
 
 
 def test_traceback_lines_carry_the_prefix(monkeypatch, capsys, restore_logging):
