@@ -55,6 +55,20 @@ def deepspeed_cpu_op(request):
         print(f"\nbuilding DeepSpeed's CPU op failed:\n{result.stdout[-3000:]}", file=sys.stderr)
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request) -> Path:
+    """One folder for a module's tests, whose runs are module-scoped fixtures (the distributed tier)."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
+@pytest.fixture(scope="module")
+def data_file(workdir) -> str:
+    """The first 16 sample conversations as one JSONL file in `workdir`."""
+    from dist_helpers import write_small_data
+
+    return write_small_data(workdir)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     """The bundled tiny Qwen2 model (built by scripts/make_tiny_model.py, committed in assets/)."""

@@ -19,7 +19,7 @@ import torch
 
 from dist_helpers import (
     LOG_LINE, ROOT, SGD_ARGS, assert_close_dicts, assert_same_logs, assert_same_update, child_env, free_port,
-    launch, train_logs, weight_delta, weights, write_small_data,
+    launch, train_logs, weight_delta, weights,
 )
 
 pytestmark = pytest.mark.distributed
@@ -32,16 +32,6 @@ def common_args(data_file: str, output_dir: Path) -> list[str]:
         "--output_dir", str(output_dir), "--max_steps", str(STEPS), "--logging_steps", "1",
         "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "True", *SGD_ARGS,
     ]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("distributed")
-
-
-@pytest.fixture(scope="module")
-def data_file(workdir) -> str:
-    return write_small_data(workdir)
 
 
 @pytest.fixture(scope="module")

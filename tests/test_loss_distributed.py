@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import ROOT, SGD_ARGS, assert_same_logs, assert_same_update, launch, train_logs, weight_delta, write_small_data
+from dist_helpers import ROOT, SGD_ARGS, assert_same_logs, assert_same_update, launch, train_logs, weight_delta
 
 pytestmark = pytest.mark.distributed
 STEPS = 2
@@ -26,16 +26,6 @@ def asft_args(data_file: str, output_dir: Path) -> list[str]:
         "--report_to", "none", "--disable_tqdm", "True", "--loss_type", "asft", "--anchor_kl_coef", "1.0",
         *SGD_ARGS,
     ]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("asft_distributed")
-
-
-@pytest.fixture(scope="module")
-def data_file(workdir) -> str:
-    return write_small_data(workdir)
 
 
 @pytest.fixture(scope="module")
