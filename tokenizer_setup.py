@@ -5,7 +5,10 @@
                      and the tokenizer lacks (as special tokens, so `<|im_end|>` is one token the model
                      can learn to emit), and picks a pad token when there is none (stock Llama-3, Mistral).
   prepare_model      after the model is loaded: resizes the embeddings to the tokenizer (tied or not),
-                     sets `config.pad_token_id`, and adds the end-of-turn token to the generation stop ids.
+                     sets `config.pad_token_id`, and adds the template's end-of-turn token to the
+                     generation stop ids (a base model's eos is often not the token its template ends
+                     turns with: Llama-3.2 base `<|end_of_text|>` vs `<|eot_id|>`, Qwen2.5 base
+                     `<|endoftext|>` vs `<|im_end|>`), so the saved model stops where training taught it.
 
 The pad token only fills batches: labels are masked by length, not by token id, so an EOS that closes an
 assistant turn stays supervised when pad == eos.
@@ -16,7 +19,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from data_templates import BUILTIN_CONTROL_TOKENS, ensure_chat_template
+from data_masking import template_kwargs
+from data_templates import BUILTIN_CONTROL_TOKENS, ChatRenderer, ensure_chat_template
 
 logger = logging.getLogger("dft.tokenizer")
 
@@ -32,7 +36,7 @@ class TokenizerSetup:
     builtin_template: str | None = None  # name of the built-in template installed, if any
     added_tokens: list[str] = field(default_factory=list)  # control tokens added as new vocabulary entries
     new_token_ids: list[int] = field(default_factory=list)  # their ids: embedding rows that start untrained
-    end_of_turn_id: int | None = None  # id of the template's end-of-turn token, when the project chose the template
+    end_of_turn_id: int | None = None  # id of the token the chat template ends an assistant turn with, if any
 
 
 def choose_pad_token(tokenizer) -> str | None:
@@ -56,6 +60,24 @@ def choose_pad_token(tokenizer) -> str | None:
     return choice
 
 
+def template_end_of_turn(tokenizer, kwargs: dict | None = None) -> int | None:
+    """Id of the control token the chat template writes right after an assistant answer (its end of turn:
+    `<|im_end|>`, `<|eot_id|>`, `</s>`, ...), found by rendering a probe conversation; None when the template
+    writes no control token there or cannot render the probe."""
+    answer = "Probe answer 7."
+    try:
+        text = ChatRenderer(tokenizer, kwargs)([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}])
+    except Exception:  # a template that needs more than a user and an assistant turn: no stop token to add
+        return None
+    found = text.rfind(answer)
+    if found < 0:
+        return None
+    special = set(tokenizer.all_special_ids)
+    special.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False))
+    after = tokenizer(text[found + len(answer):], add_special_tokens=False)["input_ids"]
+    return next((i for i in after if i in special), None)
+
+
 def prepare_tokenizer(tokenizer, data_args) -> TokenizerSetup:
     """Template, missing control tokens and pad token, before any data is tokenised (see the module doc).
 
@@ -77,6 +99,8 @@ def prepare_tokenizer(tokenizer, data_args) -> TokenizerSetup:
             logger.warning("the %s template writes %s, which the tokenizer lacks as special tokens: added (%d new embedding rows)",
                            setup.builtin_template, " ".join(missing), len(setup.new_token_ids))
         setup.end_of_turn_id = tokenizer.convert_tokens_to_ids(controls[-1])
+    else:
+        setup.end_of_turn_id = template_end_of_turn(tokenizer, template_kwargs(data_args))
     choose_pad_token(tokenizer)
     return setup
 
@@ -97,3 +121,6 @@ def prepare_model(model, tokenizer, setup: TokenizerSetup) -> None:
         stops = [i for i in stops if i is not None]
         if setup.end_of_turn_id not in stops:
             generation.eos_token_id = stops + [setup.end_of_turn_id]
+            logger.info("generation stops at %s (id %d), the chat template's end of turn, as well as the eos ids %s: "
+                        "added to generation_config.eos_token_id (saved with the model)",
+                        tokenizer.convert_ids_to_tokens(setup.end_of_turn_id), setup.end_of_turn_id, stops)
