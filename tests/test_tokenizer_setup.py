@@ -69,6 +69,10 @@ def test_base_model_without_chatml_tokens_learns_the_end_of_turn(tmp_path, real_
         assert {name.split(".")[-3] for name in deltas} == {"embed_tokens", "lm_head"}
         for delta in deltas.values():
             assert delta.shape == (2, base.config.hidden_size) and torch.count_nonzero(delta) > 0
+        # peft saves no generation config: the adapter's run directory holds one that stops at <|im_end|>.
+        from transformers import GenerationConfig
+
+        assert im_end in GenerationConfig.from_pretrained(out).eos_token_id
     else:
         trained = AutoModelForCausalLM.from_pretrained(out)
         assert trained.get_input_embeddings().weight.shape[0] == trained.get_output_embeddings().weight.shape[0] == rows + 2
