@@ -17,6 +17,7 @@ assistant turn stays supervised when pad == eos.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 from data_masking import template_kwargs
@@ -60,6 +61,31 @@ def choose_pad_token(tokenizer) -> str | None:
     return choice
 
 
+# Text that can only be a control token: `<|im_end|>`, `<|eot_id|>`, `<|user|>`, DeepSeek's `<｜User｜>`.
+CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]+\|>|<｜[^<>｜]+｜>")
+PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+
+
+def _special_tokens(tokenizer) -> set[str]:
+    special = set(tokenizer.all_special_tokens)
+    special.update(str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False))
+    return special
+
+
+def template_control_tokens(tokenizer, kwargs: dict | None = None) -> list[str]:
+    """Control tokens (`<|...|>` text) the chat template writes for a system, user and assistant turn and the
+    generation prompt, in order of appearance; [] when it renders none (or cannot render the probe)."""
+    render = ChatRenderer(tokenizer, kwargs)
+    texts = []
+    for messages in (PROBE, PROBE[1:]):  # a template that rejects a system role (Mistral v0.1)
+        try:
+            texts = [render(messages), render(messages[:-1], add_generation_prompt=True)]
+            break
+        except Exception:
+            continue
+    return list(dict.fromkeys(found for text in texts for found in CONTROL_TOKEN.findall(text)))
+
+
 def template_end_of_turn(tokenizer, kwargs: dict | None = None) -> int | None:
     """Id of the control token the chat template writes right after an assistant answer (its end of turn:
     `<|im_end|>`, `<|eot_id|>`, `</s>`, ...), found by rendering a probe conversation; None when the template
@@ -72,8 +98,7 @@ def template_end_of_turn(tokenizer, kwargs: dict | None = None) -> int | None:
     found = text.rfind(answer)
     if found < 0:
         return None
-    special = set(tokenizer.all_special_ids)
-    special.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False))
+    special = set(tokenizer.convert_tokens_to_ids(sorted(_special_tokens(tokenizer))))
     after = tokenizer(text[found + len(answer):], add_special_tokens=False)["input_ids"]
     return next((i for i in after if i in special), None)
 
@@ -85,22 +110,22 @@ def prepare_tokenizer(tokenizer, data_args) -> TokenizerSetup:
         DataError: `--chat_template` is neither a file nor a built-in name.
         ValueError: the tokenizer has no pad and no EOS token.
     """
-    setup = TokenizerSetup(builtin_template=ensure_chat_template(tokenizer, getattr(data_args, "chat_template", None)))
-    if setup.builtin_template:
-        controls = BUILTIN_CONTROL_TOKENS[setup.builtin_template]
-        special = set(tokenizer.all_special_tokens)
-        special.update(str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False))
-        missing = [token for token in controls if token not in special]
-        if missing:
-            before = len(tokenizer)
-            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-            setup.added_tokens = missing
-            setup.new_token_ids = [i for i in tokenizer.convert_tokens_to_ids(missing) if i >= before]
-            logger.warning("the %s template writes %s, which the tokenizer lacks as special tokens: added (%d new embedding rows)",
-                           setup.builtin_template, " ".join(missing), len(setup.new_token_ids))
-        setup.end_of_turn_id = tokenizer.convert_tokens_to_ids(controls[-1])
-    else:
-        setup.end_of_turn_id = template_end_of_turn(tokenizer, template_kwargs(data_args))
+    chat_template = getattr(data_args, "chat_template", None)
+    setup = TokenizerSetup(builtin_template=ensure_chat_template(tokenizer, chat_template))
+    kwargs = template_kwargs(data_args)
+    # Any template, also a file or the tokenizer's own: control tokens it writes as plain text would be
+    # several ordinary tokens, and its end of turn would never be learnt as one token the model can stop on.
+    controls = BUILTIN_CONTROL_TOKENS[setup.builtin_template] if setup.builtin_template else template_control_tokens(tokenizer, kwargs)
+    missing = [token for token in controls if token not in _special_tokens(tokenizer)]
+    if missing:
+        before = len(tokenizer)
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        setup.added_tokens = missing
+        setup.new_token_ids = [i for i in tokenizer.convert_tokens_to_ids(missing) if i >= before]
+        name = setup.builtin_template or (f"--chat_template {chat_template}" if chat_template else "tokenizer's")
+        logger.warning("the %s template writes %s, which the tokenizer lacks as special tokens: added (%d new embedding rows)",
+                       name, " ".join(missing), len(setup.new_token_ids))
+    setup.end_of_turn_id = template_end_of_turn(tokenizer, kwargs)
     choose_pad_token(tokenizer)
     return setup
 

@@ -217,6 +217,27 @@ def test_base_tokenizer_gets_chatml_control_tokens_as_special_tokens(real_tokeni
     assert supervised[-1] == setup.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")  # one token, learnt
 
 
+def test_template_file_whose_control_tokens_the_tokenizer_lacks_gets_them_added(real_tokenizer):
+    """`--chat_template qwen2_5_instruct.jinja` on a base Llama-3.2 (no ChatML tokens): before the fix `<|im_end|>`
+    was written as text (5 tokens), not supervised at all, and no stop id: the model could never learn to stop."""
+    class FileArgs(Args):
+        chat_template = str(TEMPLATES / "qwen2_5_instruct.jinja")
+
+    tokenizer = real_tokenizer("llama3.2")
+    tokenizer.chat_template = None
+    before = len(tokenizer)
+    setup = prepare_tokenizer(tokenizer, FileArgs())
+    assert setup.added_tokens == ["<|im_start|>", "<|im_end|>"] and setup.new_token_ids == [before, before + 1]
+    assert {"<|im_start|>", "<|im_end|>"} <= set(tokenizer.all_special_tokens)
+    rows, _ = examples(ConversationTokenizer(tokenizer, 4096), {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    assert spans_of(tokenizer, rows[0]) == ["hello<|im_end|>"]
+    supervised = [t for t, label in zip(rows[0]["input_ids"], rows[0]["labels"]) if label != IGNORE_INDEX]
+    assert supervised[-1] == setup.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # A template whose control tokens the tokenizer has adds nothing.
+    llama = real_tokenizer("llama3.2")
+    assert prepare_tokenizer(llama, Args()).added_tokens == [] and len(llama) == before
+
+
 def test_pad_token_is_a_reserved_token_when_the_vocabulary_has_one(real_tokenizer):
     tokenizer = real_tokenizer("llama3.2")
     assert tokenizer.pad_token is None
