@@ -34,6 +34,7 @@ SYSTEM_FOLDED = "system prompt folded into the first user turn (the template rej
 REASONING_INLINED = "reasoning written as <think>...</think> in the content (the template has no reasoning field)"
 HEADER_SPLIT = "first answer token merged with the role header: tokenised apart as at generation"
 TURN_EXAMPLES = "extra example per assistant turn (the template renders earlier turns differently)"
+REASONING_DROPPED = "reasoning not trained: the generation prompt closes the think block (e.g. enable_thinking false)"
 
 TRAIN_ON_TURNS = ("all", "last")
 @dataclass(frozen=True)
@@ -118,6 +119,12 @@ class ConversationTokenizer:
         except Exception:
             return None
 
+    def _renders_prompt(self, messages: list[dict]) -> str | None:
+        try:
+            return self.render(messages, add_generation_prompt=True)
+        except Exception:
+            return None
+
     @property
     def abilities(self) -> dict[str, bool]:
         """Probed once: does the template accept a system turn, and render reasoning, tool calls, tools?"""
@@ -132,6 +139,8 @@ class ConversationTokenizer:
                 "reasoning": _PROBE in (self._renders([user, {**answer, "reasoning_content": _PROBE}]) or ""),
                 "tool_calls": _PROBE in (self._renders([user, {"role": "assistant", "content": "", "tool_calls": [call]}]) or ""),
                 "tools": _PROBE in (self._renders([user, answer], tools=[tool]) or ""),
+                # Qwen3 with enable_thinking false: the prompt ends `<think>\n\n</think>\n\n`.
+                "prompt_closes_reasoning": "</think>" in (self._renders_prompt([user]) or ""),
             }
         return self._abilities
 
@@ -165,6 +174,15 @@ class ConversationTokenizer:
             raise DataError("chat template cannot express tool calls (use --chat_template chatml or one with tool support)")
         if tools and not abilities["tools"]:
             raise DataError("chat template ignores the tools list (use --chat_template chatml or one with tool support)")
+        has_reasoning = any("reasoning_content" in m or "</think>" in m["content"] for m in rendered if m["role"] == "assistant")
+        if has_reasoning and abilities["prompt_closes_reasoning"]:
+            # The model generates every turn after an empty think block, without reasoning: trained so,
+            # and the history it sees holds its earlier turns as it generated them.
+            for message in rendered:
+                if message["role"] == "assistant":
+                    message.pop("reasoning_content", None)
+                    message["content"] = message["content"].split("</think>")[-1].lstrip()
+            notes.append(REASONING_DROPPED)
         if any("reasoning_content" in m for m in rendered) and not abilities["reasoning"]:
             for message in rendered:
                 if "reasoning_content" in message:

@@ -183,6 +183,34 @@ def test_templates_that_rewrite_history_train_each_turn_as_generated(real_tokeni
     assert [row["extra"] for row in rows] == [False, True] and all(TURN_EXAMPLES in row["notes"] for row in rows)
 
 
+def test_reasoning_turns_under_a_generation_prompt_that_closes_the_think_block(real_tokenizer):
+    """Qwen3 with enable_thinking false: the generation prompt ends `<think>\n\n</think>\n\n`, so a turn with
+    reasoning is generated without it. Before the fix a tool-call turn with reasoning (no content) dropped the
+    whole record as "not verbatim" (31 of LLaMA-Factory's 50 reason_tool_use records), and an answer turn
+    was trained after reasoning the model never sees at generation."""
+    from data_masking import REASONING_DROPPED
+
+    tokenizer = load(real_tokenizer, "qwen3", fresh=True)
+    record = {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "reasoning_content": "Call the tool.", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "TOOL-RESULT 3 degrees"},
+        {"role": "assistant", "content": "<think>\nReport it.\n</think>\n\nIt is 3 degrees."}]}
+    encoder = ConversationTokenizer(tokenizer, 4096, MaskingOptions(chat_template_kwargs=(("enable_thinking", False),)))
+    rows, dropped = examples(encoder, record)
+    assert dropped is None
+    spans = [span for row in rows for span in spans_of(tokenizer, row)]
+    assert sorted(spans) == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>', "It is 3 degrees.<|im_end|>"]
+    for row in rows:  # each example is what generation sees: the empty think block, no reasoning
+        assert "Call the tool" not in tokenizer.decode(row["input_ids"]) and REASONING_DROPPED in row["notes"]
+        assert "<|im_start|>assistant\n<think>\n\n</think>\n\n" in tokenizer.decode(row["input_ids"])
+    # With thinking on (the default) the reasoning is trained, as before.
+    rows, dropped = examples(ConversationTokenizer(tokenizer, 4096), record)
+    assert dropped is None and any("Report it." in span for row in rows for span in spans_of(tokenizer, row))
+    assert not any(REASONING_DROPPED in row["notes"] for row in rows)
+
+
 def test_mistral_folds_the_system_prompt_into_the_first_user_turn(real_tokenizer):
     tokenizer = load(real_tokenizer, "mistral_v0.1")
     record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
