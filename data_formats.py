@@ -143,14 +143,16 @@ def _tools_json(tools: Any) -> str:
     return json.dumps(wrapped, ensure_ascii=False) if wrapped else ""
 
 
-def _loss_flag(message: dict) -> bool | None:
-    """ms-swift's per-message "loss": true/false, or LLaMA-Factory v1's "loss_weight" 0/1."""
+def _loss_flag(message: dict, role: str | None = None) -> bool | None:
+    """ms-swift's per-message "loss": true/false, LLaMA-Factory v1's "loss_weight" 0/1, or OpenAI's "weight"
+    0/1 (assistant messages only, as OpenAI's fine-tuning format defines it)."""
     loss = message.get("loss")
-    if loss is None and "loss_weight" in message:
-        weight = message["loss_weight"]
-        if weight not in (0, 1):
-            raise FormatError("loss_weight other than 0 or 1")
-        loss = bool(weight)
+    for key in ("loss_weight", "weight"):
+        if loss is None and key in message and (key == "loss_weight" or role == "assistant"):
+            weight = message[key]
+            if weight not in (0, 1):
+                raise FormatError(f"{key} other than 0 or 1")
+            loss = bool(weight)
     if loss is not None and not isinstance(loss, bool):
         raise FormatError('"loss" is not true/false')
     return loss
@@ -184,7 +186,7 @@ def _normalise_message(message: Any, role_key: str, content_key: str) -> dict:
     for placeholder, modality in MULTIMODAL_PLACEHOLDERS.items():
         if placeholder in text:
             raise FormatError(_multimodal_reason(modality))
-    loss = _loss_flag(message)
+    loss = _loss_flag(message, role)
     if loss and role != "assistant":
         raise FormatError(f'"loss": true on a {role} message (only assistant turns are trained)')
     if tool_calls and role != "assistant":
