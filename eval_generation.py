@@ -116,23 +116,18 @@ class GenerationPrompt:
 
 # ---- reading prompt files ---------------------------------------------------------------------------
 def _records(path: str):
-    """(line number, parsed record) for a JSONL file or a JSON array (line = the array index + 1 there)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise GenerationFileError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from None
-        yield from enumerate(data, start=1)
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise GenerationFileError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line") from None
+    """(line number, parsed record) of a generation file, read as data files are (data_files.iter_records):
+    JSON lines or a JSON array (each record named by the line it starts on), gzipped or not, or Parquet."""
+    from data_files import DataError, iter_records
+
+    try:
+        for number, record, error in iter_records(path):
+            if error is not None:
+                detail = getattr(error, "detail", None)
+                raise GenerationFileError(f"{path}:{number}: not valid JSON ({detail or error}); one JSON object per line")
+            yield number, record
+    except DataError as err:
+        raise GenerationFileError(str(err).replace("--data_files", "--eval_generation_files")) from None
 
 
 def _prompt_from_record(record: Any, where: str) -> tuple[Any, list[dict[str, str]], str]:

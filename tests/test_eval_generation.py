@@ -272,3 +272,24 @@ def test_generation_prompts_render_with_the_chat_template_kwargs_of_training(tmp
     scored = load_script("evaluate").main(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "ev"), "--eval_generation_files",
                                            prompts_file, "--eval_generation_max_new_tokens", "8", "--chat_template_kwargs", kwargs])
     assert [r["output"] for r in read_jsonl(Path(scored["generations"]))] == trained
+
+
+def test_generation_files_are_read_like_data_files_with_real_line_numbers(tmp_path):
+    """A JSON array's records are named by their line (as the data report names them), not by their index: the
+    error for the 2nd record of a pretty-printed array said ':2' though it starts on line 6. Gzipped JSON lines work."""
+    import gzip
+
+    from eval_generation import GenerationFileError, read_generation_files
+
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"prompt": "1+1?", "answer": 2}, {"prompt": "2+2?"}], indent=2))
+    with pytest.raises(GenerationFileError, match=rf"^{array}:6: field `answer` is missing or empty"):
+        read_generation_files([str(array)])
+    zipped = tmp_path / "q.jsonl.gz"
+    with gzip.open(zipped, "wt") as f:
+        f.write(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n\n" + json.dumps({"prompt": "2+2?", "answer": 4}) + "\n")
+    assert [p.location for p in read_generation_files([str(zipped)])] == [f"{zipped}:1", f"{zipped}:3"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n{oops\n")
+    with pytest.raises(GenerationFileError, match=rf"^{broken}:2: not valid JSON"):
+        read_generation_files([str(broken)])
