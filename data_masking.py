@@ -72,6 +72,21 @@ def template_kwargs(data_args) -> dict:
     return parse_template_kwargs(kwargs) if isinstance(kwargs, str) or kwargs is None else dict(kwargs)
 
 
+def fold_system_prompt(messages: list[dict]) -> list[dict]:
+    """The leading system prompt folded into the first user turn, as Mistral's own tooling does for templates
+    that reject a system role (a new list; the messages are not changed).
+
+    Raises:
+        DataError: there is no user turn to fold it into.
+    """
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    first_user = next((m for m in rest if m["role"] == "user"), None)
+    if first_user is None:
+        raise DataError("chat template rejects a system role and there is no user turn to fold it into")
+    first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest
+
+
 def _special_token_strings(tokenizer) -> list[str]:
     specials = set(tokenizer.all_special_tokens)
     specials.update(str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False))
@@ -189,11 +204,7 @@ class ConversationTokenizer:
                     message["content"] = f"<think>\n{message.pop('reasoning_content').strip()}\n</think>\n\n{message['content']}"
             notes.append(REASONING_INLINED)
         if rendered[0]["role"] == "system" and abilities["fold_system"]:
-            system = rendered.pop(0)["content"]
-            first_user = next((m for m in rendered if m["role"] == "user"), None)
-            if first_user is None:
-                raise DataError("chat template rejects a system role and there is no user turn to fold it into")
-            first_user["content"] = f"{system}\n\n{first_user['content']}"
+            rendered = fold_system_prompt(rendered)
             notes.append(SYSTEM_FOLDED)
             trained = [index - 1 for index in trained]
         return rendered, template_tools(tools), trained, notes

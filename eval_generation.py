@@ -22,6 +22,7 @@ is filled with a repeated prompt whose output is dropped) with `synced_gpus`, so
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from data_masking import fold_system_prompt
 from eval_answers import MATCHERS, AnswerMatcher, parse_matcher
 
 logger = logging.getLogger("dft.eval")
@@ -335,8 +337,27 @@ class GenerationEvaluator:
         self.prompts = prompts if prompts is not None else read_generation_files(args.eval_generation_files, args.eval_generation_max_prompts)
         self.prompt_ids = [self._encode(p) for p in self.prompts]
 
+    def _render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs)
+
     def _encode(self, prompt: GenerationPrompt) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs)
+        """The prompt rendered as training renders conversations: a system turn the template rejects
+        (Mistral v0.1) is folded into the first user turn.
+
+        Raises:
+            GenerationFileError: the template cannot render the prompt (naming its file:line).
+        """
+        try:
+            text = self._render(prompt.messages)
+        except Exception as err:  # jinja's raise_exception, type errors in templates, ...
+            text = None
+            if prompt.messages[0]["role"] == "system":
+                with contextlib.suppress(Exception):
+                    text = self._render(fold_system_prompt(prompt.messages))
+            if text is None:
+                raise GenerationFileError(
+                    f"{prompt.location}: the chat template cannot render this prompt ({str(err).splitlines()[0][:120]})"
+                ) from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, model, rank: int = 0, world_size: int = 1, synced_gpus: bool = False, seed: int = 0) -> list[dict]:
