@@ -144,15 +144,17 @@ def _tools_json(tools: Any) -> str:
 
 
 def _loss_flag(message: dict, role: str | None = None) -> bool | None:
-    """ms-swift's per-message "loss": true/false, LLaMA-Factory v1's "loss_weight" 0/1, or OpenAI's "weight"
-    0/1 (assistant messages only, as OpenAI's fine-tuning format defines it)."""
+    """ms-swift's per-message "loss": true/false, LLaMA-Factory v1's "loss_weight" 0/1, or OpenAI's "weight": 0
+    on an assistant message (OpenAI's fine-tuning format: not trained; 1 is its default, and other values are
+    not OpenAI's, so both leave the turn to --train_on_turns)."""
     loss = message.get("loss")
-    for key in ("loss_weight", "weight"):
-        if loss is None and key in message and (key == "loss_weight" or role == "assistant"):
-            weight = message[key]
-            if weight not in (0, 1):
-                raise FormatError(f"{key} other than 0 or 1")
-            loss = bool(weight)
+    if loss is None and "loss_weight" in message:
+        weight = message["loss_weight"]
+        if weight not in (0, 1):
+            raise FormatError("loss_weight other than 0 or 1")
+        loss = bool(weight)
+    if loss is None and role == "assistant" and message.get("weight") == 0 and not isinstance(message.get("weight"), bool):
+        loss = False
     if loss is not None and not isinstance(loss, bool):
         raise FormatError('"loss" is not true/false')
     return loss

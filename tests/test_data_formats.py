@@ -83,9 +83,9 @@ def test_openai_per_message_weight_selects_the_trained_assistant_turns():
         {"role": "user", "content": "b"}, {"role": "assistant", "content": "two", "weight": 1},
     ]}
     messages = normalize_record(record)[0]["messages"]
-    assert [m["loss"] for m in messages] == [None, None, False, None, True]
-    record["messages"][2]["weight"] = 0.5
-    assert normalize_record(record)[1] == "weight other than 0 or 1"
+    assert [m["loss"] for m in messages] == [None, None, False, None, None]  # 1 is OpenAI's default: --train_on_turns decides
+    record["messages"][2]["weight"] = 0.5  # not OpenAI's: an extra field, ignored
+    assert normalize_record(record)[0]["messages"][2]["loss"] is None
 
 
 def test_llamafactory_v1_content_parts_with_reasoning_and_tool_call():
