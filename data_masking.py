@@ -363,7 +363,7 @@ class ConversationTokenizer:
         if supervised <= 0:
             return _dropped_row(TRUNCATED_TO_NOTHING if truncated else NO_SUPERVISED_TOKEN, truncated)
         return {"input_ids": ids, "labels": labels, "length": len(ids), "supervised": supervised,
-                "truncated": truncated, "drop_reason": "", "extra": False, "notes": ""}
+                "truncated": truncated, "drop_reason": "", "extra": False, "notes": "", "lost_examples": 0}
 
     def _rows(self, conversations: list[list[dict]], tools: list | None = None) -> tuple[list[dict[str, Any]], list[int]]:
         """Rows for a batch of conversations and, per row, the index of its conversation. A conversation
@@ -392,6 +392,9 @@ class ConversationTokenizer:
                 found = [_dropped_row(failed[index], False)]
             else:
                 found = [row for row in per_conversation[index] if not row["drop_reason"]] or per_conversation[index][:1]
+                if not found[0]["drop_reason"]:
+                    # The record is kept, but these turns are not trained: counted on its first row for the report.
+                    found[0]["lost_examples"] = sum(row["drop_reason"] == TRUNCATED_TO_NOTHING for row in per_conversation[index])
             for position, row in enumerate(found):
                 row["extra"] = position > 0
                 rows.append(row)
@@ -426,6 +429,7 @@ class ConversationTokenizer:
             "drop_reason": pa.array([row["drop_reason"] for row in rows], type=pa.string()),
             "extra": pa.array([row["extra"] for row in rows], type=pa.bool_()),
             "notes": pa.array([row["notes"] for row in rows], type=pa.string()),
+            "lost_examples": pa.array([row["lost_examples"] for row in rows], type=pa.int32()),
         }
         for name in ("source", "line"):
             if name in batch:
@@ -438,13 +442,14 @@ class ConversationTokenizer:
         return {key: values[0] for key, values in self({"messages": [messages], "tools": [tools]}).items()}
 
 
-TOKENISED_COLUMNS = ("input_ids", "labels", "length", "supervised", "truncated", "drop_reason", "extra", "notes")
+# lost_examples: examples (turns) of a kept record dropped for truncation, on the record's first row.
+TOKENISED_COLUMNS = ("input_ids", "labels", "length", "supervised", "truncated", "drop_reason", "extra", "notes", "lost_examples")
 
 
 def _dropped_row(reason: str, truncated: bool) -> dict[str, Any]:
     empty = np.zeros(0, dtype=np.int32)
     return {"input_ids": empty, "labels": empty, "length": 0, "supervised": 0, "truncated": truncated, "drop_reason": reason,
-            "extra": False, "notes": ""}
+            "extra": False, "notes": "", "lost_examples": 0}
 
 
 def supervised_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

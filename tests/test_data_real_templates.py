@@ -211,6 +211,25 @@ def test_reasoning_turns_under_a_generation_prompt_that_closes_the_think_block(r
     assert not any(REASONING_DROPPED in row["notes"] for row in rows)
 
 
+def test_examples_of_a_kept_record_lost_to_truncation_are_counted(real_tokenizer, tmp_path):
+    """Qwen3 trains turn 1 as an extra example and turn 2 in the whole conversation. When a long second question
+    pushes turn 2 past --max_length, turn 2 is lost while the record stays kept (turn 1 is trained): before the fix
+    the report showed the record kept, no extra example and nothing lost."""
+    from data_build import _build_and_save, format_data_report
+
+    tokenizer = load(real_tokenizer, "qwen3")
+    record = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "reasoning_content": "First thought.", "content": "4"},
+                           {"role": "user", "content": "and now " * 60 + "3+3?"}, {"role": "assistant", "reasoning_content": "Second.", "content": "6"}]}
+    path = tmp_path / "long.jsonl"
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(short) + "\n")
+    report = _build_and_save(None, [str(path)], [], False, ConversationTokenizer(tokenizer, 48), None)["report"]
+    [file] = report["files"]
+    assert file["read"] == 2 == file["kept"] and file["skipped"] == 0
+    assert file["examples_lost_to_truncation"] == 1
+    assert "1 example(s) of kept records lost to truncation to --max_length" in format_data_report(report)
+
+
 def test_mistral_folds_the_system_prompt_into_the_first_user_turn(real_tokenizer):
     tokenizer = load(real_tokenizer, "mistral_v0.1")
     record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
