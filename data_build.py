@@ -48,6 +48,7 @@ class FileReport:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few "file:line"
     adjusted: Counter = field(default_factory=Counter)  # kept records changed to fit the template, by note
     extra_examples: int = 0  # examples beyond one per kept record (one per turn, history-rewriting templates)
+    examples_lost_to_truncation: int = 0  # examples (turns) of kept records with no supervised token left
 
     def skip(self, reason: str, where: str, max_examples: int = MAX_EXAMPLES) -> None:
         self.skipped[reason] += 1
@@ -66,12 +67,13 @@ class FileReport:
             "examples": {reason: self.examples[reason] for reason, _ in self.skipped.most_common()},
             "adjusted_by_note": dict(self.adjusted.most_common()),
             "extra_examples": self.extra_examples,
+            "examples_lost_to_truncation": self.examples_lost_to_truncation,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "FileReport":
         return cls(data["path"], data["split"], data["read"], data["kept"], Counter(data["skipped_by_reason"]), dict(data["examples"]),
-                   Counter(data.get("adjusted_by_note", {})), data.get("extra_examples", 0))
+                   Counter(data.get("adjusted_by_note", {})), data.get("extra_examples", 0), data.get("examples_lost_to_truncation", 0))
 
 
 def read_file_records(path: str, source: int, strict: bool, split: str = "train",
@@ -220,7 +222,7 @@ def _tokenise_files(files: list[str], split: str, first_source: int, strict: boo
         new_fingerprint=f"dft-tokenise-{uuid.uuid4().hex}",  # our own cache decides reuse, not datasets'
         desc=f"Tokenising {split} conversations",
     )
-    table = tokenised.select_columns(["drop_reason", "source", "line", "truncated", "length", "supervised", "extra", "notes"]).to_dict()
+    table = tokenised.select_columns(["drop_reason", "source", "line", "truncated", "length", "supervised", "extra", "notes", "lost_examples"]).to_dict()
     drop_reasons = table["drop_reason"]
     kept_indices = []
     for index, reason in enumerate(drop_reasons):
@@ -230,6 +232,7 @@ def _tokenise_files(files: list[str], split: str, first_source: int, strict: boo
             report.skip(reason, f"{report.path}:{table['line'][index]}")
             continue
         kept_indices.append(index)
+        report.examples_lost_to_truncation += table["lost_examples"][index]
         if table["extra"][index]:  # a further example of a record already counted as kept
             report.extra_examples += 1
         elif table["notes"][index]:
@@ -418,6 +421,9 @@ def format_data_report(report: dict) -> str:
             lines.append(f"    {count:>7,} kept, adjusted: {note}")
         if f.get("extra_examples"):
             lines.append(f"    {f['extra_examples']:>7,} extra examples, one per assistant turn (the template rewrites earlier turns)")
+        if f.get("examples_lost_to_truncation"):
+            lines.append(f"    {f['examples_lost_to_truncation']:>7,} example(s) of kept records lost to truncation to --max_length "
+                         "(turns with no supervised token left)")
     totals = report.get("totals") or _totals(files)
     lines.append(f"{'total':<{width}}        {totals['read']:>9,} {totals['kept']:>9,} {totals['skipped']:>9,}")
     tokens = report["tokens"]

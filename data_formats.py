@@ -143,14 +143,18 @@ def _tools_json(tools: Any) -> str:
     return json.dumps(wrapped, ensure_ascii=False) if wrapped else ""
 
 
-def _loss_flag(message: dict) -> bool | None:
-    """ms-swift's per-message "loss": true/false, or LLaMA-Factory v1's "loss_weight" 0/1."""
+def _loss_flag(message: dict, role: str | None = None) -> bool | None:
+    """ms-swift's per-message "loss": true/false, LLaMA-Factory v1's "loss_weight" 0/1, or OpenAI's "weight": 0
+    on an assistant message (OpenAI's fine-tuning format: not trained; 1 is its default, and other values are
+    not OpenAI's, so both leave the turn to --train_on_turns)."""
     loss = message.get("loss")
     if loss is None and "loss_weight" in message:
         weight = message["loss_weight"]
         if weight not in (0, 1):
             raise FormatError("loss_weight other than 0 or 1")
         loss = bool(weight)
+    if loss is None and role == "assistant" and message.get("weight") == 0 and not isinstance(message.get("weight"), bool):
+        loss = False
     if loss is not None and not isinstance(loss, bool):
         raise FormatError('"loss" is not true/false')
     return loss
@@ -184,7 +188,7 @@ def _normalise_message(message: Any, role_key: str, content_key: str) -> dict:
     for placeholder, modality in MULTIMODAL_PLACEHOLDERS.items():
         if placeholder in text:
             raise FormatError(_multimodal_reason(modality))
-    loss = _loss_flag(message)
+    loss = _loss_flag(message, role)
     if loss and role != "assistant":
         raise FormatError(f'"loss": true on a {role} message (only assistant turns are trained)')
     if tool_calls and role != "assistant":

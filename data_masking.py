@@ -34,6 +34,7 @@ SYSTEM_FOLDED = "system prompt folded into the first user turn (the template rej
 REASONING_INLINED = "reasoning written as <think>...</think> in the content (the template has no reasoning field)"
 HEADER_SPLIT = "first answer token merged with the role header: tokenised apart as at generation"
 TURN_EXAMPLES = "extra example per assistant turn (the template renders earlier turns differently)"
+REASONING_DROPPED = "reasoning not trained: the generation prompt closes the think block (e.g. enable_thinking false)"
 
 TRAIN_ON_TURNS = ("all", "last")
 @dataclass(frozen=True)
@@ -69,6 +70,21 @@ def template_kwargs(data_args) -> dict:
     """The --chat_template_kwargs of `data_args` (or any object with that field) as a dict."""
     kwargs = getattr(data_args, "chat_template_kwargs", None)
     return parse_template_kwargs(kwargs) if isinstance(kwargs, str) or kwargs is None else dict(kwargs)
+
+
+def fold_system_prompt(messages: list[dict]) -> list[dict]:
+    """The leading system prompt folded into the first user turn, as Mistral's own tooling does for templates
+    that reject a system role (a new list; the messages are not changed).
+
+    Raises:
+        DataError: there is no user turn to fold it into.
+    """
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    first_user = next((m for m in rest if m["role"] == "user"), None)
+    if first_user is None:
+        raise DataError("chat template rejects a system role and there is no user turn to fold it into")
+    first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest
 
 
 def _special_token_strings(tokenizer) -> list[str]:
@@ -118,6 +134,12 @@ class ConversationTokenizer:
         except Exception:
             return None
 
+    def _renders_prompt(self, messages: list[dict]) -> str | None:
+        try:
+            return self.render(messages, add_generation_prompt=True)
+        except Exception:
+            return None
+
     @property
     def abilities(self) -> dict[str, bool]:
         """Probed once: does the template accept a system turn, and render reasoning, tool calls, tools?"""
@@ -132,6 +154,8 @@ class ConversationTokenizer:
                 "reasoning": _PROBE in (self._renders([user, {**answer, "reasoning_content": _PROBE}]) or ""),
                 "tool_calls": _PROBE in (self._renders([user, {"role": "assistant", "content": "", "tool_calls": [call]}]) or ""),
                 "tools": _PROBE in (self._renders([user, answer], tools=[tool]) or ""),
+                # Qwen3 with enable_thinking false: the prompt ends `<think>\n\n</think>\n\n`.
+                "prompt_closes_reasoning": "</think>" in (self._renders_prompt([user]) or ""),
             }
         return self._abilities
 
@@ -165,17 +189,22 @@ class ConversationTokenizer:
             raise DataError("chat template cannot express tool calls (use --chat_template chatml or one with tool support)")
         if tools and not abilities["tools"]:
             raise DataError("chat template ignores the tools list (use --chat_template chatml or one with tool support)")
+        has_reasoning = any("reasoning_content" in m or "</think>" in m["content"] for m in rendered if m["role"] == "assistant")
+        if has_reasoning and abilities["prompt_closes_reasoning"]:
+            # The model generates every turn after an empty think block, without reasoning: trained so,
+            # and the history it sees holds its earlier turns as it generated them.
+            for message in rendered:
+                if message["role"] == "assistant":
+                    message.pop("reasoning_content", None)
+                    message["content"] = message["content"].split("</think>")[-1].lstrip()
+            notes.append(REASONING_DROPPED)
         if any("reasoning_content" in m for m in rendered) and not abilities["reasoning"]:
             for message in rendered:
                 if "reasoning_content" in message:
                     message["content"] = f"<think>\n{message.pop('reasoning_content').strip()}\n</think>\n\n{message['content']}"
             notes.append(REASONING_INLINED)
         if rendered[0]["role"] == "system" and abilities["fold_system"]:
-            system = rendered.pop(0)["content"]
-            first_user = next((m for m in rendered if m["role"] == "user"), None)
-            if first_user is None:
-                raise DataError("chat template rejects a system role and there is no user turn to fold it into")
-            first_user["content"] = f"{system}\n\n{first_user['content']}"
+            rendered = fold_system_prompt(rendered)
             notes.append(SYSTEM_FOLDED)
             trained = [index - 1 for index in trained]
         return rendered, template_tools(tools), trained, notes
@@ -334,7 +363,7 @@ class ConversationTokenizer:
         if supervised <= 0:
             return _dropped_row(TRUNCATED_TO_NOTHING if truncated else NO_SUPERVISED_TOKEN, truncated)
         return {"input_ids": ids, "labels": labels, "length": len(ids), "supervised": supervised,
-                "truncated": truncated, "drop_reason": "", "extra": False, "notes": ""}
+                "truncated": truncated, "drop_reason": "", "extra": False, "notes": "", "lost_examples": 0}
 
     def _rows(self, conversations: list[list[dict]], tools: list | None = None) -> tuple[list[dict[str, Any]], list[int]]:
         """Rows for a batch of conversations and, per row, the index of its conversation. A conversation
@@ -363,6 +392,9 @@ class ConversationTokenizer:
                 found = [_dropped_row(failed[index], False)]
             else:
                 found = [row for row in per_conversation[index] if not row["drop_reason"]] or per_conversation[index][:1]
+                if not found[0]["drop_reason"]:
+                    # The record is kept, but these turns are not trained: counted on its first row for the report.
+                    found[0]["lost_examples"] = sum(row["drop_reason"] == TRUNCATED_TO_NOTHING for row in per_conversation[index])
             for position, row in enumerate(found):
                 row["extra"] = position > 0
                 rows.append(row)
@@ -397,6 +429,7 @@ class ConversationTokenizer:
             "drop_reason": pa.array([row["drop_reason"] for row in rows], type=pa.string()),
             "extra": pa.array([row["extra"] for row in rows], type=pa.bool_()),
             "notes": pa.array([row["notes"] for row in rows], type=pa.string()),
+            "lost_examples": pa.array([row["lost_examples"] for row in rows], type=pa.int32()),
         }
         for name in ("source", "line"):
             if name in batch:
@@ -409,13 +442,14 @@ class ConversationTokenizer:
         return {key: values[0] for key, values in self({"messages": [messages], "tools": [tools]}).items()}
 
 
-TOKENISED_COLUMNS = ("input_ids", "labels", "length", "supervised", "truncated", "drop_reason", "extra", "notes")
+# lost_examples: examples (turns) of a kept record dropped for truncation, on the record's first row.
+TOKENISED_COLUMNS = ("input_ids", "labels", "length", "supervised", "truncated", "drop_reason", "extra", "notes", "lost_examples")
 
 
 def _dropped_row(reason: str, truncated: bool) -> dict[str, Any]:
     empty = np.zeros(0, dtype=np.int32)
     return {"input_ids": empty, "labels": empty, "length": 0, "supervised": 0, "truncated": truncated, "drop_reason": reason,
-            "extra": False, "notes": ""}
+            "extra": False, "notes": "", "lost_examples": 0}
 
 
 def supervised_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

@@ -46,6 +46,25 @@ BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 BUILTIN_CONTROL_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>")}
 
 
+def check_template_syntax(text: str, where: str) -> None:
+    """Compiles a template once, so a syntax error is one line naming the file and line, not a skip reason
+    on every record.
+
+    Raises:
+        DataError: `where:LINE: template syntax error: ...`.
+    """
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without the helper: the first render reports it instead
+        return
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as err:
+        raise DataError(f"{where}:{err.lineno}: template syntax error: {err.message}") from None
+
+
 def resolve_chat_template(spec: str) -> tuple[str, str]:
     """`--chat_template` (a built-in name or a .jinja file) -> (template text, name for logs).
 
@@ -56,7 +75,9 @@ def resolve_chat_template(spec: str) -> tuple[str, str]:
         return BUILTIN_TEMPLATES[spec], f"built-in {spec}"
     if os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
-            return f.read(), spec
+            text = f.read()
+        check_template_syntax(text, f"--chat_template {spec}")
+        return text, spec
     raise DataError(f"--chat_template {spec}: not a file and not a built-in template ({', '.join(BUILTIN_TEMPLATES)})")
 
 

@@ -22,6 +22,7 @@ is filled with a repeated prompt whose output is dropped) with `synced_gpus`, so
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from data_masking import fold_system_prompt
 from eval_answers import MATCHERS, AnswerMatcher, parse_matcher
 
 logger = logging.getLogger("dft.eval")
@@ -116,23 +118,18 @@ class GenerationPrompt:
 
 # ---- reading prompt files ---------------------------------------------------------------------------
 def _records(path: str):
-    """(line number, parsed record) for a JSONL file or a JSON array (line = the array index + 1 there)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise GenerationFileError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from None
-        yield from enumerate(data, start=1)
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise GenerationFileError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line") from None
+    """(line number, parsed record) of a generation file, read as data files are (data_files.iter_records):
+    JSON lines or a JSON array (each record named by the line it starts on), gzipped or not, or Parquet."""
+    from data_files import DataError, iter_records
+
+    try:
+        for number, record, error in iter_records(path):
+            if error is not None:
+                detail = getattr(error, "detail", None)
+                raise GenerationFileError(f"{path}:{number}: not valid JSON ({detail or error}); one JSON object per line")
+            yield number, record
+    except DataError as err:
+        raise GenerationFileError(str(err).replace("--data_files", "--eval_generation_files")) from None
 
 
 def _prompt_from_record(record: Any, where: str) -> tuple[Any, list[dict[str, str]], str]:
@@ -340,8 +337,27 @@ class GenerationEvaluator:
         self.prompts = prompts if prompts is not None else read_generation_files(args.eval_generation_files, args.eval_generation_max_prompts)
         self.prompt_ids = [self._encode(p) for p in self.prompts]
 
+    def _render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs)
+
     def _encode(self, prompt: GenerationPrompt) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs)
+        """The prompt rendered as training renders conversations: a system turn the template rejects
+        (Mistral v0.1) is folded into the first user turn.
+
+        Raises:
+            GenerationFileError: the template cannot render the prompt (naming its file:line).
+        """
+        try:
+            text = self._render(prompt.messages)
+        except Exception as err:  # jinja's raise_exception, type errors in templates, ...
+            text = None
+            if prompt.messages[0]["role"] == "system":
+                with contextlib.suppress(Exception):
+                    text = self._render(fold_system_prompt(prompt.messages))
+            if text is None:
+                raise GenerationFileError(
+                    f"{prompt.location}: the chat template cannot render this prompt ({str(err).splitlines()[0][:120]})"
+                ) from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, model, rank: int = 0, world_size: int = 1, synced_gpus: bool = False, seed: int = 0) -> list[dict]:

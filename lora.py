@@ -249,6 +249,23 @@ def save_merged_model(peft_model, save_dir: str, tokenizer=None, on_this_rank: b
     return merged_dir
 
 
+def save_generation_config(peft_model, save_dir: str) -> None:
+    """Writes the base model's generation config (its stop ids include the template's end-of-turn token, see
+    tokenizer_setup) next to the adapter: peft saves none, and the base model's own may not stop at the end
+    of a turn. Load it with `GenerationConfig.from_pretrained(save_dir)`."""
+    config = getattr(peft_model.get_base_model(), "generation_config", None)
+    if config is not None:
+        config.save_pretrained(save_dir)
+
+
+class AdapterGenerationConfigCallback(TrainerCallback):
+    """After each checkpoint save, writes the generation config next to the checkpoint's adapter (rank 0)."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if args.should_save and hasattr(model, "get_base_model"):
+            save_generation_config(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+
 class MergeLoraOnSaveCallback(TrainerCallback):
     """After each checkpoint save, writes the merged model into `checkpoint-N/merged/` (on every rank,
     as ZeRO-3 gathers are collective; rank 0 writes)."""
@@ -259,4 +276,6 @@ class MergeLoraOnSaveCallback(TrainerCallback):
 
 
 def lora_callbacks(lora_args: LoraArguments) -> list[TrainerCallback]:
-    return [MergeLoraOnSaveCallback()] if lora_args.use_lora and lora_args.merge_lora_on_save else []
+    if not lora_args.use_lora:
+        return []
+    return [AdapterGenerationConfigCallback()] + ([MergeLoraOnSaveCallback()] if lora_args.merge_lora_on_save else [])

@@ -26,7 +26,7 @@ from checkpoints import (
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
 from dist_logger import is_main_process, library_log_level, setup_logging, use_logging_for_metrics
 from distributed import close_process_group, log_zero3_partition, prepare_process_group
-from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_merged_model
+from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_generation_config, save_merged_model
 from packing import apply_packing, check_model_for_packing, check_packing_attention
 from tokenizer_setup import prepare_model, prepare_tokenizer
 from tracking import RunRecorder, build_run_config, configure_progress_bars
@@ -144,6 +144,8 @@ def run(
         trainer.evaluate()  # no evaluation during training: score the trained model once
     with save_failures_as_errors(training_args.output_dir, training_args.output_dir):
         trainer.save_model(training_args.output_dir)
+        if lora_args.use_lora and training_args.should_save:
+            save_generation_config(trainer.model, training_args.output_dir)  # peft saves none with the adapter
     if lora_args.merge_lora_on_save:  # collective under ZeRO-3: every rank calls it
         save_merged_model(trainer.model, training_args.output_dir, tokenizer, on_this_rank=training_args.should_save)
     return recorder.finish(train_output)  # run_summary.json, training_curves.png, trainer_state.json

@@ -74,6 +74,20 @@ def test_openai_tool_calls_tool_messages_reasoning_and_loss_flag():
     assert "tool_calls" not in rendered[1] and rendered[2]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
 
 
+def test_openai_per_message_weight_selects_the_trained_assistant_turns():
+    """OpenAI's chat fine-tuning format: `"weight": 0` on an assistant message means "do not train on it". Before the
+    fix the field was ignored and the turn was trained."""
+    record = {"messages": [
+        {"role": "system", "content": "sys", "weight": 1},  # only assistant messages carry a weight: ignored here
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "one", "weight": 0},
+        {"role": "user", "content": "b"}, {"role": "assistant", "content": "two", "weight": 1},
+    ]}
+    messages = normalize_record(record)[0]["messages"]
+    assert [m["loss"] for m in messages] == [None, None, False, None, None]  # 1 is OpenAI's default: --train_on_turns decides
+    record["messages"][2]["weight"] = 0.5  # not OpenAI's: an extra field, ignored
+    assert normalize_record(record)[0]["messages"][2]["loss"] is None
+
+
 def test_llamafactory_v1_content_parts_with_reasoning_and_tool_call():
     record = {"messages": [
         {"role": "user", "content": [{"type": "text", "value": "hi"}], "loss_weight": 0.0},

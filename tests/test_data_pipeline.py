@@ -218,3 +218,21 @@ def test_bad_file_exits_2_naming_it_before_the_model_loads(tmp_path, tiny_model_
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith(f"error: {tmp_path / bad}: ")
     assert not os.path.exists(tmp_path / "out" / "data_report.json")
+
+
+@pytest.mark.integration
+def test_chat_template_file_with_a_syntax_error_exits_2_naming_file_and_line(tmp_path, tiny_model_dir, capsys):
+    """Before the fix every record was skipped ("chat template error: unexpected '}'", and tool records as "chat
+    template cannot express tool calls") and the run stopped with "no usable conversation left"."""
+    import train_dft
+
+    template = tmp_path / "mine.jinja"
+    template.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(chat("Hi", "Hello")) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train_dft.main(["--model_name_or_path", tiny_model_dir, "--data_files", str(good), "--chat_template", str(template),
+                        "--output_dir", str(tmp_path / "out"), "--data_cache_dir", "none", *TRAIN_FLAGS])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == f"error: --chat_template {template}:2: template syntax error: unexpected '}}'"

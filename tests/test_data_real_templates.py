@@ -183,6 +183,53 @@ def test_templates_that_rewrite_history_train_each_turn_as_generated(real_tokeni
     assert [row["extra"] for row in rows] == [False, True] and all(TURN_EXAMPLES in row["notes"] for row in rows)
 
 
+def test_reasoning_turns_under_a_generation_prompt_that_closes_the_think_block(real_tokenizer):
+    """Qwen3 with enable_thinking false: the generation prompt ends `<think>\n\n</think>\n\n`, so a turn with
+    reasoning is generated without it. Before the fix a tool-call turn with reasoning (no content) dropped the
+    whole record as "not verbatim" (31 of LLaMA-Factory's 50 reason_tool_use records), and an answer turn
+    was trained after reasoning the model never sees at generation."""
+    from data_masking import REASONING_DROPPED
+
+    tokenizer = load(real_tokenizer, "qwen3", fresh=True)
+    record = {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "reasoning_content": "Call the tool.", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "TOOL-RESULT 3 degrees"},
+        {"role": "assistant", "content": "<think>\nReport it.\n</think>\n\nIt is 3 degrees."}]}
+    encoder = ConversationTokenizer(tokenizer, 4096, MaskingOptions(chat_template_kwargs=(("enable_thinking", False),)))
+    rows, dropped = examples(encoder, record)
+    assert dropped is None
+    spans = [span for row in rows for span in spans_of(tokenizer, row)]
+    assert sorted(spans) == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>', "It is 3 degrees.<|im_end|>"]
+    for row in rows:  # each example is what generation sees: the empty think block, no reasoning
+        assert "Call the tool" not in tokenizer.decode(row["input_ids"]) and REASONING_DROPPED in row["notes"]
+        assert "<|im_start|>assistant\n<think>\n\n</think>\n\n" in tokenizer.decode(row["input_ids"])
+    # With thinking on (the default) the reasoning is trained, as before.
+    rows, dropped = examples(ConversationTokenizer(tokenizer, 4096), record)
+    assert dropped is None and any("Report it." in span for row in rows for span in spans_of(tokenizer, row))
+    assert not any(REASONING_DROPPED in row["notes"] for row in rows)
+
+
+def test_examples_of_a_kept_record_lost_to_truncation_are_counted(real_tokenizer, tmp_path):
+    """Qwen3 trains turn 1 as an extra example and turn 2 in the whole conversation. When a long second question
+    pushes turn 2 past --max_length, turn 2 is lost while the record stays kept (turn 1 is trained): before the fix
+    the report showed the record kept, no extra example and nothing lost."""
+    from data_build import _build_and_save, format_data_report
+
+    tokenizer = load(real_tokenizer, "qwen3")
+    record = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "reasoning_content": "First thought.", "content": "4"},
+                           {"role": "user", "content": "and now " * 60 + "3+3?"}, {"role": "assistant", "reasoning_content": "Second.", "content": "6"}]}
+    path = tmp_path / "long.jsonl"
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(short) + "\n")
+    report = _build_and_save(None, [str(path)], [], False, ConversationTokenizer(tokenizer, 48), None)["report"]
+    [file] = report["files"]
+    assert file["read"] == 2 == file["kept"] and file["skipped"] == 0
+    assert file["examples_lost_to_truncation"] == 1
+    assert "1 example(s) of kept records lost to truncation to --max_length" in format_data_report(report)
+
+
 def test_mistral_folds_the_system_prompt_into_the_first_user_turn(real_tokenizer):
     tokenizer = load(real_tokenizer, "mistral_v0.1")
     record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -215,6 +262,27 @@ def test_base_tokenizer_gets_chatml_control_tokens_as_special_tokens(real_tokeni
     rows, _ = examples(ConversationTokenizer(tokenizer, 4096), {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     supervised = [t for t, label in zip(rows[0]["input_ids"], rows[0]["labels"]) if label != IGNORE_INDEX]
     assert supervised[-1] == setup.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")  # one token, learnt
+
+
+def test_template_file_whose_control_tokens_the_tokenizer_lacks_gets_them_added(real_tokenizer):
+    """`--chat_template qwen2_5_instruct.jinja` on a base Llama-3.2 (no ChatML tokens): before the fix `<|im_end|>`
+    was written as text (5 tokens), not supervised at all, and no stop id: the model could never learn to stop."""
+    class FileArgs(Args):
+        chat_template = str(TEMPLATES / "qwen2_5_instruct.jinja")
+
+    tokenizer = real_tokenizer("llama3.2")
+    tokenizer.chat_template = None
+    before = len(tokenizer)
+    setup = prepare_tokenizer(tokenizer, FileArgs())
+    assert setup.added_tokens == ["<|im_start|>", "<|im_end|>"] and setup.new_token_ids == [before, before + 1]
+    assert {"<|im_start|>", "<|im_end|>"} <= set(tokenizer.all_special_tokens)
+    rows, _ = examples(ConversationTokenizer(tokenizer, 4096), {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    assert spans_of(tokenizer, rows[0]) == ["hello<|im_end|>"]
+    supervised = [t for t, label in zip(rows[0]["input_ids"], rows[0]["labels"]) if label != IGNORE_INDEX]
+    assert supervised[-1] == setup.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # A template whose control tokens the tokenizer has adds nothing.
+    llama = real_tokenizer("llama3.2")
+    assert prepare_tokenizer(llama, Args()).added_tokens == [] and len(llama) == before
 
 
 def test_pad_token_is_a_reserved_token_when_the_vocabulary_has_one(real_tokenizer):

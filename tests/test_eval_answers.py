@@ -137,9 +137,11 @@ def test_generation_files_are_read_with_file_line_errors(tmp_path):
     from eval_generation import GenerationFileError, metric_stem, read_generation_files
 
     array = tmp_path / "Math-Set.v2.json"
-    array.write_text(json.dumps([{"prompt": "1+1?", "answer": 2}, {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}]))
+    records = [{"prompt": "1+1?", "answer": 2}, {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}]
+    array.write_text("[\n" + ",\n".join(map(json.dumps, records)) + "\n]\n")
     prompts = read_generation_files([str(array)])
-    assert [p.reference for p in prompts] == ["2", "4"] and prompts[1].location == f"{array}:2"
+    # Named by the line each record starts on, as the data report names training records.
+    assert [p.reference for p in prompts] == ["2", "4"] and prompts[1].location == f"{array}:3"
     assert prompts[0].messages == [{"role": "user", "content": "1+1?"}] and prompts[0].file == metric_stem(str(array)) == "math_set"
     assert len(read_generation_files([str(array)], max_prompts=1)) == 1
 

@@ -272,3 +272,42 @@ def test_generation_prompts_render_with_the_chat_template_kwargs_of_training(tmp
     scored = load_script("evaluate").main(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "ev"), "--eval_generation_files",
                                            prompts_file, "--eval_generation_max_new_tokens", "8", "--chat_template_kwargs", kwargs])
     assert [r["output"] for r in read_jsonl(Path(scored["generations"]))] == trained
+
+
+def test_generation_files_are_read_like_data_files_with_real_line_numbers(tmp_path):
+    """A JSON array's records are named by their line (as the data report names them), not by their index: the
+    error for the 2nd record of a pretty-printed array said ':2' though it starts on line 6. Gzipped JSON lines work."""
+    import gzip
+
+    from eval_generation import GenerationFileError, read_generation_files
+
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"prompt": "1+1?", "answer": 2}, {"prompt": "2+2?"}], indent=2))
+    with pytest.raises(GenerationFileError, match=rf"^{array}:6: field `answer` is missing or empty"):
+        read_generation_files([str(array)])
+    zipped = tmp_path / "q.jsonl.gz"
+    with gzip.open(zipped, "wt") as f:
+        f.write(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n\n" + json.dumps({"prompt": "2+2?", "answer": 4}) + "\n")
+    assert [p.location for p in read_generation_files([str(zipped)])] == [f"{zipped}:1", f"{zipped}:3"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n{oops\n")
+    with pytest.raises(GenerationFileError, match=rf"^{broken}:2: not valid JSON"):
+        read_generation_files([str(broken)])
+
+
+def test_generation_prompts_with_a_system_turn_render_as_training_does_under_mistral(tmp_path, real_tokenizer):
+    """Mistral v0.1's template raises on a system role: training folds the system prompt into the first user turn,
+    generation evaluation died with a jinja traceback at start-up. Now the prompt is folded the same way, and a
+    prompt the template still cannot render is one error naming file:line."""
+    from conftest import TEMPLATES
+    from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError
+
+    tokenizer = real_tokenizer("llama3.2")
+    tokenizer.chat_template = (TEMPLATES / "mistral_7b_instruct_v0_1.jinja").read_text()
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": 4}) + "\n")
+    evaluator = GenerationEvaluator(GenerationEvalArguments(eval_generation_files=[str(path)]), tokenizer)
+    assert tokenizer.decode(evaluator.prompt_ids[0]) == "<|begin_of_text|>[INST] Be brief.\n\n2+2? [/INST]"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "answer": 4}) + "\n")
+    with pytest.raises(GenerationFileError, match=rf"^{path}:1: the chat template cannot render this prompt \(Conversation roles must alternate"):
+        GenerationEvaluator(GenerationEvalArguments(eval_generation_files=[str(path)]), tokenizer)

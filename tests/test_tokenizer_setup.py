@@ -69,6 +69,10 @@ def test_base_model_without_chatml_tokens_learns_the_end_of_turn(tmp_path, real_
         assert {name.split(".")[-3] for name in deltas} == {"embed_tokens", "lm_head"}
         for delta in deltas.values():
             assert delta.shape == (2, base.config.hidden_size) and torch.count_nonzero(delta) > 0
+        # peft saves no generation config: the adapter's run directory holds one that stops at <|im_end|>.
+        from transformers import GenerationConfig
+
+        assert im_end in GenerationConfig.from_pretrained(out).eos_token_id
     else:
         trained = AutoModelForCausalLM.from_pretrained(out)
         assert trained.get_input_embeddings().weight.shape[0] == trained.get_output_embeddings().weight.shape[0] == rows + 2
@@ -117,3 +121,43 @@ def test_merged_lora_model_holds_the_trained_rows_of_added_tokens(tmp_path, real
     im_start, im_end = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     ids = torch.tensor([[im_start, 9906, 11, im_end, 271]])
     torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)
+
+
+def base_model_with_own_template(real_tokenizer_dirs, out_dir) -> str:
+    """A Llama-3.2 *base* model: eos `<|end_of_text|>` (tokenizer, config, generation config) while its chat template
+    ends assistant turns with `<|eot_id|>`, as meta-llama/Llama-3.2-1B ships (Qwen2.5 base: `<|endoftext|>` / `<|im_end|>`)."""
+    import shutil
+
+    source = out_dir + "_tokenizer"
+    shutil.copytree(real_tokenizer_dirs["llama3.2"], source)
+    config_path = f"{source}/tokenizer_config.json"
+    config = json.load(open(config_path))
+    config["eos_token"] = "<|end_of_text|>"
+    json.dump(config, open(config_path, "w"))
+    return tiny_model_for(source, out_dir, tie=False)
+
+
+def test_template_end_of_turn_is_found_for_real_templates(real_tokenizer):
+    from conftest import TEMPLATES
+    from tokenizer_setup import template_end_of_turn
+
+    llama, qwen = real_tokenizer("llama3.2"), real_tokenizer("qwen2.5")
+    assert llama.convert_ids_to_tokens(template_end_of_turn(llama, {})) == "<|eot_id|>"
+    assert qwen.convert_ids_to_tokens(template_end_of_turn(qwen, {})) == "<|im_end|>"
+    qwen.chat_template = (TEMPLATES / "qwen3.jinja").read_text()
+    assert qwen.convert_ids_to_tokens(template_end_of_turn(qwen, {"enable_thinking": False})) == "<|im_end|>"
+    qwen.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # writes no control token
+    assert template_end_of_turn(qwen, {}) is None
+
+
+def test_saved_base_model_stops_at_its_templates_end_of_turn(tmp_path, real_tokenizer_dirs):
+    """A base model whose eos is not the end-of-turn token its template writes: training supervises `<|eot_id|>`, so
+    the saved generation_config must stop there too, or a user's model.generate runs past every answer (and
+    eval_gen_finished, which stops at known end-of-turn tokens, said 1 while the saved model never stopped)."""
+    model_dir = base_model_with_own_template(real_tokenizer_dirs, str(tmp_path / "model"))
+    eot = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids("<|eot_id|>")
+    assert AutoModelForCausalLM.from_pretrained(model_dir).generation_config.eos_token_id == 128001
+    out = tmp_path / "out"
+    train(model_dir, write_data(tmp_path), out, "--max_steps", "1")
+    saved = AutoModelForCausalLM.from_pretrained(out).generation_config.eos_token_id
+    assert saved == [128001, eot]
