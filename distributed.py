@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import socket
+import sys
+from typing import Callable, NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +68,46 @@ def prepare_process_group(argv: list[str]) -> None:
 
 
 def close_process_group() -> None:
-    """Destroys the default process group, if any, before the interpreter exits.
-
-    Without it a gloo rank that finishes first (rank 0 is still writing the model) tears its process
-    group down during interpreter finalisation, and gloo's worker threads can abort the process
-    ("terminate called without an active exception", SIGABRT): a finished run then exits non-zero and
-    the launcher reports it FAILED. Local to this rank; no collective, so it cannot hang on a rank
-    that already left.
-    """
+    """Destroys the default process group, if any (local to this rank: no collective, cannot hang)."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _exit_code(code) -> int:
+    """`sys.exit(code)` semantics: None is 0, an int is itself, anything else is printed and is 1."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run_as_script(main: Callable[[], object]) -> NoReturn:
+    """Runs a script's `main()` and exits with its status; a rank of a multi-process run leaves with `os._exit`.
+
+    Why: a DDP model keeps its process group alive past `destroy_process_group` (the reducer holds it),
+    and tearing gloo's threads down during interpreter finalisation can abort a rank that finished first
+    (SIGABRT, "terminate called without an active exception"): the launcher then reports a finished run
+    FAILED. By the time main() returns or exits, everything the run writes is closed (files, checkpoints,
+    trackers in RunRecorder.finish); the log handlers and standard streams are flushed here. An unexpected
+    exception keeps Python's own ending (traceback, exit 1); a single process exits normally.
+    """
+    import torch
+
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = _exit_code(stop.code)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        close_process_group()
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def zero3_partition_sizes(model) -> tuple[int, int] | None:

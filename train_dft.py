@@ -25,7 +25,7 @@ from checkpoints import (
 )
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
 from dist_logger import is_main_process, library_log_level, setup_logging, use_logging_for_metrics
-from distributed import close_process_group, log_zero3_partition, prepare_process_group
+from distributed import log_zero3_partition, prepare_process_group, run_as_script
 from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_generation_config, save_merged_model
 from packing import apply_packing, check_model_for_packing, check_packing_attention
 from tokenizer_setup import prepare_model, prepare_tokenizer
@@ -163,7 +163,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        close_process_group()  # every exit path of a launched rank, also sys.exit (see distributed.py)
+    run_as_script(main)  # a launched rank's clean exit (see distributed.py)

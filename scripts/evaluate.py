@@ -31,7 +31,7 @@ from data_masking import parse_template_kwargs, template_kwargs  # noqa: E402
 from data_utils import DataCollatorForDFT, DataError, build_datasets  # noqa: E402
 from dft_trainer import DFTTrainer  # noqa: E402
 from dist_logger import is_main_process, setup_logging, use_logging_for_metrics  # noqa: E402
-from distributed import close_process_group  # noqa: E402
+from distributed import run_as_script  # noqa: E402
 from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError  # noqa: E402
 from eval_trainer import generations_path  # noqa: E402
 from tokenizer_setup import TokenizerSetup, prepare_model, prepare_tokenizer  # noqa: E402
@@ -157,7 +157,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        close_process_group()  # under torchrun (see distributed.py)
+    run_as_script(main)  # under torchrun too (see distributed.py)

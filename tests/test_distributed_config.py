@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dist_helpers import ROOT
+from dist_helpers import ROOT, child_env, free_port
 from distributed import deepspeed_requested
 
 CONFIGS = ["zero2.json", "zero3.json", "zero3_offload.json"]
@@ -90,3 +90,36 @@ def test_a_launched_rank_closes_its_process_group_on_every_exit(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert "exit 2 group open False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.mark.distributed
+def test_ranks_of_a_launch_leave_without_interpreter_teardown_and_keep_their_exit_code(tmp_path):
+    """run_as_script: each rank of a 2-process launch exits with main()'s status by os._exit, after its output is
+    flushed, skipping the interpreter finalisation in which gloo's threads can abort a finished rank."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import atexit, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch.distributed as dist\n"
+        "from distributed import run_as_script\n"
+        "def main():\n"
+        "    dist.init_process_group('gloo')\n"
+        "    atexit.register(print, 'finalised', flush=True)\n"
+        "    print(f'rank {dist.get_rank()} done', end='')  # no newline, no flush: the exit must flush it\n"
+        "    sys.exit(3)\n"
+        "run_as_script(main)\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(script)]
+    result = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "exitcode  : 3" in output, output[-3000:]
+    assert "rank 0 done" in output and "rank 1 done" in output, output[-3000:]
+    assert "finalised" not in output and "SIGABRT" not in output
+
+
+def test_exit_codes_follow_sys_exit(capsys):
+    from distributed import _exit_code
+
+    assert [_exit_code(None), _exit_code(0), _exit_code(2), _exit_code(143)] == [0, 0, 2, 143]
+    assert _exit_code("error: bad flag") == 1 and capsys.readouterr().err == "error: bad flag\n"
