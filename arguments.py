@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 from data_masking import parse_template_kwargs
 from data_templates import BUILTIN_TEMPLATES
 from dft_loss import KL_DIRECTIONS, LOSS_TYPES, LossSpec, check_dft_alpha
-from tracking import normalize_report_to
+from tracking_backends import normalize_report_to
 
 ATTN_CHOICES = ["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
 DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32"]

@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 
 import tracking
+import tracking_backends
 import train_dft
 from data_utils import FileReport
 from tracker_files import swanlab_offline_run, tensorboard_scalars, wandb_offline_run
@@ -37,7 +38,7 @@ LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "accelerate")
     ],
 )
 def test_report_to_accepts_one_several_or_comma_separated(given, expected):
-    assert tracking.normalize_report_to(given) == expected
+    assert tracking_backends.normalize_report_to(given) == expected
 
 
 def test_unknown_tracker_is_a_usage_error(tiny_model_dir, sample_files, tmp_path, capsys):
