@@ -15,13 +15,16 @@ eval_compare_results.py, the figure in eval_compare_plot.py.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,7 +40,8 @@ BASE_RESULTS_FILE = "eval_results.json"
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
 COMPARE_MD = "compare.md"
-
+LOCK_FILE = ".compare.lock"
+STOPPED = "stopped"
 
 
 class SweepError(ValueError):
@@ -154,6 +158,60 @@ def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str
 
 
 # ---- launching -------------------------------------------------------------------------------------------
+class Launches:
+    """The sweep's running launches, so that a SIGTERM or Ctrl-C to compare.py reaches them.
+
+    Each launch gets its own process group: a signal to the group reaches the launcher and every
+    training process under it (the single-node `deepspeed` runner does not forward signals itself), and
+    a Ctrl-C in the terminal reaches compare.py alone, which passes it on as SIGTERM once. The runs
+    then save a checkpoint and stop (exit 143), and no launch starts after a stop.
+    """
+
+    def __init__(self):
+        self.stop_signal: int | None = None
+        self.inherited_fds: tuple[int, ...] = ()  # the sweep's lock (see `lock_sweep`)
+        self._running: set[int] = set()  # process group ids (= the launchers' pids)
+        self._lock = threading.Lock()
+
+    def stop(self, signum: int) -> None:
+        """Signal handler: remember the stop and pass SIGTERM to every running launch."""
+        first = self.stop_signal is None
+        self.stop_signal = self.stop_signal or signum
+        with self._lock:
+            groups = list(self._running)
+        if first:
+            for group in groups:
+                _terminate_group(group)
+
+    def run(self, command: list[str], env: dict[str, str], log, cwd: str) -> int | None:
+        """Runs one launch to its end; None (not started) after a stop."""
+        if self.stop_signal is not None:
+            return None
+        process = subprocess.Popen(
+            command, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, process_group=0, pass_fds=self.inherited_fds,
+        )
+        with self._lock:
+            self._running.add(process.pid)
+        if self.stop_signal is not None:  # the stop came while it was starting: the handler did not see it
+            _terminate_group(process.pid)
+        try:
+            return process.wait()
+        finally:
+            with self._lock:
+                self._running.discard(process.pid)
+
+
+def _terminate_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+LAUNCHES = Launches()
+
+
 def exit_reason(returncode: int, log_text: str) -> str:
     """`exit 2: error: --foo ...`: the exit status and the line that says why (the last `error:` line,
     else the last line of a traceback, else the last line)."""
@@ -166,15 +224,42 @@ def exit_reason(returncode: int, log_text: str) -> str:
     return f"{status}: {why[:300]}"
 
 
-def launch(command: list[str], env: dict[str, str], log_path: str, cwd: str = ROOT) -> tuple[int, float]:
-    """Runs one launch, its stdout and stderr appended to log_path. Returns (exit status, seconds)."""
+def launch(command: list[str], env: dict[str, str], log_path: str, cwd: str = ROOT) -> tuple[int | None, float]:
+    """Runs one launch, its stdout and stderr appended to log_path. Returns (exit status, seconds); the
+    status is None when the sweep was stopped before the launch started."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     started = time.time()
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ {shlex.join(command)}\n")
         log.flush()
-        completed = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return completed.returncode, time.time() - started
+        code = LAUNCHES.run(command, env, log, cwd)
+    return code, time.time() - started
+
+
+def lock_sweep(output_dir: str) -> int:
+    """Locks the sweep's root for this compare.py and every run it launches (they inherit the lock), so a
+    second compare.py on the same root, or a rerun while a run of a killed compare.py (SIGKILL, a lost
+    terminal) is still training there, stops with one line instead of two processes writing one run.
+    Returns the lock's file descriptor (released when every holder has exited).
+
+    Raises:
+        SweepError: the lock is held.
+    """
+    path = os.path.join(output_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+        os.close(fd)
+        raise SweepError(
+            f"--output_dir {output_dir}: another compare.py, or a run it launched, is still running there "
+            f"(the lock {path} is held; started by {holder}); wait for it to finish or stop it, then run the command again."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"compare.py pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    os.set_inheritable(fd, False)  # only the launches it is given to (pass_fds) hold it
+    return fd
 
 
 def read_tail(path: str, limit: int = 20_000) -> str:
@@ -213,6 +298,8 @@ def evaluate_base(config: SweepConfig, log: Callable[[str], None]) -> dict[str, 
         command = [sys.executable, script, "--model_name_or_path", config.model_name_or_path, *config.base_eval_flags, "--output_dir", base_dir]
         log(f"evaluating the base model: {shlex.join(command)}")
         code, _ = launch(command, {}, os.path.join(base_dir, LAUNCH_LOG))
+        if LAUNCHES.stop_signal is not None:
+            return {"status": STOPPED, "reason": stop_reason(code)}
         if code != 0 or not os.path.isfile(results_path):
             return {"status": "failed", "reason": exit_reason(code, read_tail(os.path.join(base_dir, LAUNCH_LOG)))}
     with open(results_path, encoding="utf-8") as f:
@@ -223,10 +310,13 @@ def evaluate_base(config: SweepConfig, log: Callable[[str], None]) -> dict[str, 
 
 
 def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[str], None]) -> RunResult:
-    """One run: skipped when finished, else launched; a failure becomes a RunResult with its exit reason."""
+    """One run: skipped when finished, else launched; a failure becomes a RunResult with its exit reason,
+    a run the sweep's stop interrupted (or never started) one with status `stopped`."""
     if run_is_finished(spec.output_dir):
         log(f"{prefix}: finished before, not redone")
         return read_run(spec.output_dir, spec.variant.name, spec.seed)
+    if LAUNCHES.stop_signal is not None:
+        return RunResult(spec.variant.name, spec.seed, spec.output_dir, STOPPED, stop_reason(None))
     if os.path.isdir(spec.output_dir) and not has_checkpoint(spec.output_dir):
         # A run that died before its first checkpoint: start it again from nothing (keeping its log).
         kept_log = read_tail(os.path.join(spec.output_dir, LAUNCH_LOG))
@@ -239,7 +329,11 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
     log(f"{prefix}: {shlex.join(command)}")
     log_path = os.path.join(spec.output_dir, LAUNCH_LOG)
     code, seconds = launch(command, env, log_path)
-    if code == 0 and run_is_finished(spec.output_dir):
+    if LAUNCHES.stop_signal is not None and not run_is_finished(spec.output_dir):
+        reason = stop_reason(code)
+        result = read_run(spec.output_dir, spec.variant.name, spec.seed, STOPPED, reason, round(seconds, 1))
+        log(f"{prefix}: {reason}")
+    elif code == 0 and run_is_finished(spec.output_dir):
         result = read_run(spec.output_dir, spec.variant.name, spec.seed, wall_seconds=round(seconds, 1))
         accuracy = result.final.get(ACCURACY)
         log(f"{prefix}: ok in {seconds:.0f} s" + (f", final {ACCURACY} {accuracy:.3f}" if accuracy is not None else ""))
@@ -252,22 +346,44 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
     return result
 
 
+def stop_reason(code: int | None) -> str:
+    name = signal.Signals(LAUNCHES.stop_signal).name
+    how = "not started" if code is None else f"passed on as SIGTERM, {exit_reason(code, '').split(':')[0]}"
+    return f"stopped by {name} to compare.py ({how}); run the same command again to resume"
+
+
 def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Launches every run that is not finished (`config.parallel` at a time), then writes compare.json and
     compare.png and returns the compare record. A failed run is recorded with its exit reason and the
-    sweep goes on."""
+    sweep goes on. A SIGTERM or SIGINT stops the sweep: the running runs get SIGTERM (they save a
+    checkpoint and exit), no other starts, and the record has `stopped` set to the signal's number.
+
+    Raises:
+        SweepError: another compare.py, or a run launched by one, is still running in the sweep's root.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     os.makedirs(config.output_dir, exist_ok=True)
-    started = time.time()
-    base = evaluate_base(config, log) if config.base_eval_flags is not None else None
-    plan = plan_runs(config.variants, config.seeds, config.output_dir)
-    prefixes = [f"[{index}/{len(plan)}] {spec.name}" for index, spec in enumerate(plan, 1)]
-    # Threads only wait on subprocesses; results keep the plan's order.
-    with ThreadPoolExecutor(max_workers=max(1, config.parallel)) as pool:
-        results = list(pool.map(lambda item: execute_run(item[0], config, item[1], log), zip(plan, prefixes)))
-    compare = build_compare(config, results, base, time.time() - started)
-    write_compare(compare, config.output_dir)
+    lock_fd = lock_sweep(config.output_dir)
+    LAUNCHES.stop_signal, LAUNCHES.inherited_fds = None, (lock_fd,)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda signum, _: LAUNCHES.stop(signum)) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        started = time.time()
+        base = evaluate_base(config, log) if config.base_eval_flags is not None else None
+        plan = plan_runs(config.variants, config.seeds, config.output_dir)
+        prefixes = [f"[{index}/{len(plan)}] {spec.name}" for index, spec in enumerate(plan, 1)]
+        # Threads only wait on subprocesses; results keep the plan's order.
+        with ThreadPoolExecutor(max_workers=max(1, config.parallel)) as pool:
+            results = list(pool.map(lambda item: execute_run(item[0], config, item[1], log), zip(plan, prefixes)))
+        compare = build_compare(config, results, base, time.time() - started)
+        compare["stopped"] = LAUNCHES.stop_signal
+        write_compare(compare, config.output_dir)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        LAUNCHES.inherited_fds = ()
+        os.close(lock_fd)
     return compare
 
 

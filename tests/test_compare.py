@@ -192,3 +192,82 @@ def test_train_sh_launch_of_an_sft_variant_parses(tmp_path):
     printed = subprocess.run(command, cwd=ROOT, env={**child_env(), **env, "DRY_RUN": "1", "NUM_GPUS": "0", "DFT_ALPHA": "0.5"},
                              capture_output=True, text=True, check=True).stdout
     assert "--dft_alpha 0.5" in printed
+
+
+def test_launches_hold_the_sweep_lock_and_get_the_stop(tmp_path):
+    """A launch holds the sweep's lock as long as it lives (a rerun after compare.py was SIGKILLed must not
+    start a second process on the same run), and a stop reaches its whole process group."""
+    import signal
+    import threading
+
+    fd = eval_compare.lock_sweep(str(tmp_path))
+    with pytest.raises(SweepError, match="still running there"):
+        eval_compare.lock_sweep(str(tmp_path))  # a second compare.py on the same root
+    launches = eval_compare.Launches()
+    launches.inherited_fds = (fd,)
+    # The launcher starts a worker of its own: both must get the stop (as the deepspeed runner's workers).
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    codes = []
+    with open(tmp_path / "log", "w") as log:
+        thread = threading.Thread(target=lambda: codes.append(launches.run([sys.executable, "-c", script], {}, log, str(tmp_path))))
+        thread.start()
+        while not launches._running:
+            threading.Event().wait(0.05)
+        os.close(fd)  # compare.py gone (SIGKILL): the launch still holds the lock
+        with pytest.raises(SweepError, match="still running there"):
+            eval_compare.lock_sweep(str(tmp_path))
+        group = next(iter(launches._running))
+        launches.stop(signal.SIGTERM)
+        thread.join(30)
+    assert codes == [-signal.SIGTERM]
+    for _ in range(100):  # the worker too (same process group)
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        threading.Event().wait(0.05)
+    else:
+        pytest.fail("a process of the stopped launch is still running")
+    os.close(eval_compare.lock_sweep(str(tmp_path)))  # free again
+    assert launches.run([sys.executable, "-c", "pass"], {}, None, str(tmp_path)) is None  # nothing starts after a stop
+
+
+@pytest.mark.integration
+def test_sigterm_to_compare_stops_the_run_with_a_checkpoint_and_a_rerun_resumes_it(tmp_path, tiny_model_dir):
+    """`kill <pid of compare.py>` used to leave the training run going on its own (an orphan still writing
+    the run's folder) and no table; now the run saves a checkpoint and stops, and the same command resumes it."""
+    import re
+    import signal
+    import time
+
+    data = write_small_data(tmp_path, 16)
+    out = tmp_path / "sweep"
+    command = [
+        sys.executable, os.path.join(ROOT, "scripts", "compare.py"), "--model_name_or_path", tiny_model_dir,
+        "--output_dir", str(out), "--variants", "sft", "--seeds", "1", "--no_base_eval",
+        "--data_files", data, "--max_steps", "400", "--per_device_train_batch_size", "2", "--max_length", "64",
+        "--logging_steps", "1", "--save_steps", "10000", "--report_to", "none", "--disable_tqdm", "True",
+        "--data_cache_dir", "none",
+    ]
+    sweep = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train_log = out / "sft-seed0" / "logs" / "train.log"
+    deadline = time.time() + 300
+    while not (train_log.is_file() and re.search(r"step [2-9]\d*/400", train_log.read_text())):
+        assert sweep.poll() is None and time.time() < deadline, sweep.communicate()
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGTERM)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 128 + signal.SIGTERM, stdout + stderr
+    assert "stopped by SIGTERM" in stderr and "STOPPED sft seed 0: stopped by SIGTERM" in stdout
+    checkpoints = [p for p in (out / "sft-seed0").iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").is_file()  # saved by the stop
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < 400
+    os.close(eval_compare.lock_sweep(str(out)))  # no process of the run is left holding the sweep
+
+    again = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "--resume_from_checkpoint latest" in again.stdout
+    state = json.loads((out / "sft-seed0" / "trainer_state.json").read_text())
+    assert state["global_step"] == 400
+    assert [h["step"] for h in state["log_history"] if "loss" in h][0] == 1  # the resumed history kept the steps before the stop
