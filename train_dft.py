@@ -135,7 +135,13 @@ def run(
     recorder = RunRecorder.start(trainer, run_config, started)
     train_output = trainer.train(resume_from_checkpoint=prepare_resume(training_args))
     if stop.stopped:
-        logger.warning("stopped by SIGTERM at step %d; continue with --resume_from_checkpoint latest", trainer.state.global_step)
+        step = trainer.state.global_step
+        saved = os.path.join(training_args.output_dir, f"checkpoint-{step}")
+        if os.path.isdir(saved):
+            logger.warning("stopped by SIGTERM at step %d; %s saved: continue with --resume_from_checkpoint latest", step, saved)
+        else:  # --save_strategy no: `latest` would quietly start again from an older checkpoint or step 0
+            logger.warning("stopped by SIGTERM at step %d; no checkpoint saved (--save_strategy no): a rerun starts again "
+                           "from step 0 (or from an older checkpoint with --resume_from_checkpoint latest)", step)
         sys.exit(EXIT_STOPPED_BY_SIGTERM)
     if generation_evaluator is not None and training_args.eval_strategy == "no":
         trainer.evaluate()  # no evaluation during training: score the trained model once

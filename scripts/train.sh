@@ -58,10 +58,16 @@ if [ -n "$DFT_ALPHA" ]; then ARGS+=(--dft_alpha "$DFT_ALPHA"); fi
 if [ "$MODEL" = "assets/tiny-qwen2" ]; then
   # Demo settings for the tiny model; any of them can be overridden by extra arguments.
   ARGS+=(--num_train_epochs 3 --per_device_train_batch_size 8 --learning_rate 2e-3 --lr_scheduler_type cosine
-         --warmup_ratio 0.05 --logging_steps 10 --save_strategy no --report_to none --max_length 512
+         --warmup_ratio 0.05 --logging_steps 10 --report_to none --max_length 512
          --validation_split_percentage 10 --eval_strategy epoch
          --eval_generation_files data/sample_eval/questions.jsonl --eval_answer_match contains
          --eval_generation_max_new_tokens 24 --eval_on_start True)
+  # No checkpoints in the demo, unless asked for: a --save_steps of the user's would otherwise be ignored
+  # (transformers only saves every --save_steps under --save_strategy steps).
+  case " $* " in
+    *" --save_strategy "* | *" --save_strategy="* | *" --save_steps "* | *" --save_steps="*) ;;
+    *) ARGS+=(--save_strategy no) ;;
+  esac
 fi
 # Without a terminal (nohup, pipes) keep progress to log lines instead of redrawn bars.
 if [ ! -t 1 ]; then ARGS+=(--disable_tqdm True); fi
@@ -89,7 +95,12 @@ if [ "$DRY_RUN" != 0 ]; then
   exit 0
 fi
 
-mkdir -p "$OUTPUT_DIR" "$LOG_DIR"
+for dir in "OUTPUT_DIR:$OUTPUT_DIR" "LOG_DIR:$LOG_DIR"; do
+  if ! why="$(mkdir -p -- "${dir#*:}" 2>&1)"; then
+    echo "error: ${dir%%:*} ${dir#*:}: cannot create it (${why##*: }); choose another directory" >&2
+    exit 2
+  fi
+done
 LOG_FILE="$(cd "$LOG_DIR" && pwd)/train-$STAMP.log"
 echo "log file: $LOG_FILE"
 echo "command: ${CMD[*]}" >> "$LOG_FILE"
@@ -105,7 +116,8 @@ set -m
 "${CMD[@]}" > >(trap '' TERM INT; exec tee -a "$LOG_FILE") 2>&1 < /dev/null &
 CHILD=$!
 set +m
-trap 'echo "train.sh: stopping (SIGTERM to process group $CHILD)" | tee -a "$LOG_FILE"; kill -TERM -- "-$CHILD" 2>/dev/null' TERM INT
+STOPPING=0
+trap 'STOPPING=1; echo "train.sh: stopping (SIGTERM to process group $CHILD)" | tee -a "$LOG_FILE"; kill -TERM -- "-$CHILD" 2>/dev/null' TERM INT
 wait "$CHILD"
 STATUS=$?
 while kill -0 "$CHILD" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
@@ -114,5 +126,11 @@ while kill -0 "$CHILD" 2>/dev/null; do  # `wait` returns early when a trapped si
 done
 while kill -0 -- "-$CHILD" 2>/dev/null; do sleep 1; done  # workers still saving after their launcher left
 set -e
+# torchrun answers the signal with a SignalException traceback and status 1 even when every rank stopped
+# as asked (checkpoint saved): report what the ranks did, with the status of a stop (143).
+if [ "$STOPPING" = 1 ] && [ "$STATUS" != 0 ] && STOP_LINE="$(grep -m1 -o 'stopped by SIGTERM at step .*' "$LOG_FILE")"; then
+  echo "train.sh: the run $STOP_LINE" | tee -a "$LOG_FILE"
+  STATUS=143
+fi
 echo "exit status $STATUS; log file: $LOG_FILE" | tee -a "$LOG_FILE"
 exit "$STATUS"

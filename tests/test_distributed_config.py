@@ -63,6 +63,27 @@ def test_train_sh_cpu_commands():
     assert zero3.startswith("deepspeed --num_gpus 2 ") and zero3.endswith("--deepspeed ds_config/zero3.json --use_cpu True")
 
 
+def test_train_sh_demo_saves_checkpoints_when_asked():
+    """The demo's `--save_strategy no` used to win over a user's `--save_steps 500` (transformers only
+    saves every --save_steps under --save_strategy steps): an unattended demo-model run kept nothing."""
+    assert "--save_strategy no" in dry_run({"NUM_GPUS": "0"})
+    for asked in (["--save_steps", "50"], ["--save_steps=50"], ["--save_strategy", "epoch"]):
+        command = dry_run({"NUM_GPUS": "0"}, *asked)
+        assert "--save_strategy no" not in command and command.endswith(" ".join(asked))
+
+
+@pytest.mark.parametrize("variable", ["OUTPUT_DIR", "LOG_DIR"])
+def test_train_sh_unusable_output_dir_is_one_line_and_exit_2(tmp_path, variable):
+    """A file where the folder should be: one line naming the variable, exit 2 (was two `mkdir:` lines, exit 1)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "LOG_DIR")}
+    env.update({"NUM_GPUS": "0", "OUTPUT_DIR": str(tmp_path / "out"), variable: str(a_file / "sub")})
+    result = subprocess.run(["bash", "scripts/train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == f"error: {variable} {a_file / 'sub'}: cannot create it (Not a directory); choose another directory"
+
+
 def test_deepspeed_requested(tmp_path):
     assert deepspeed_requested(["--deepspeed", "ds_config/zero3.json"])
     assert deepspeed_requested(["--deepspeed=ds_config/zero3.json"])
