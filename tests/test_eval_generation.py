@@ -272,3 +272,23 @@ def test_generation_prompts_render_with_the_chat_template_kwargs_of_training(tmp
     scored = load_script("evaluate").main(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "ev"), "--eval_generation_files",
                                            prompts_file, "--eval_generation_max_new_tokens", "8", "--chat_template_kwargs", kwargs])
     assert [r["output"] for r in read_jsonl(Path(scored["generations"]))] == trained
+
+
+@pytest.mark.parametrize("case", ["output_dir_is_a_file", "model_dir_without_a_model"])
+def test_evaluate_py_bad_paths_are_one_line_naming_the_flag(tmp_path, tiny_model_dir, capsys, case):
+    """Were `[Errno 20] Not a directory: '.../logs'` (no flag named) and transformers' "Couldn't instantiate
+    the backend tokenizer" (a run's folder given before it finished, or a sweep's base/ folder)."""
+    evaluate = load_script("evaluate")
+    a_file, not_a_model = tmp_path / "a_file", tmp_path / "run"
+    a_file.write_text("x")
+    not_a_model.mkdir()
+    (not_a_model / "eval_results.json").write_text("{}")
+    model, output_dir, expected = {
+        "output_dir_is_a_file": (tiny_model_dir, a_file, f"error: --output_dir {a_file}: is a file, not a directory"),
+        "model_dir_without_a_model": (not_a_model, tmp_path / "ev", f"error: --model_name_or_path {not_a_model}: not a model directory"),
+    }[case]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model_name_or_path", str(model), "--eval_generation_files", QUESTIONS, "--output_dir", str(output_dir)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err
