@@ -179,8 +179,24 @@ def test_latest_resumes_from_the_newest_intact_checkpoint_from_a_real_run(uninte
     log = capsys.readouterr().err  # train_dft's own log handlers replace caplog's
     assert f"WARNING [rank 0/1] checkpoints: skipping checkpoint {out / 'checkpoint-3'}: {damaged} is damaged" in log
     assert f"resuming from {out / 'checkpoint-2'}" in log
+    assert "differ from the run that wrote it" not in log  # the same flags: no warning
     assert step_losses(out / "checkpoint-3") == pytest.approx(step_losses(source / "checkpoint-3"), rel=1e-6)
     assert verify_checkpoint(str(out / "checkpoint-3")) is None  # written again, intact
+
+
+@pytest.mark.integration
+def test_resuming_with_another_loss_names_the_changed_flags(uninterrupted, tmp_path, capsys):
+    """A resume with --loss_type sft of a DFT run's checkpoint went on without a word: one run, two losses."""
+    import train_dft
+
+    data_file, source = uninterrupted
+    out = tmp_path / "run"
+    shutil.copytree(source / "checkpoint-2", out / "checkpoint-2")
+    train_dft.main(run_args(data_file, out) + ["--resume_from_checkpoint", "latest", "--loss_type", "sft", "--seed", "8"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "differ from the run that wrote it" in line]
+    assert len(warnings) == 1
+    assert (f"WARNING [rank 0/1] checkpoints: resuming {out / 'checkpoint-2'} with settings that differ from the run that "
+            "wrote it (--loss_type: now sft, checkpoint dft; --dft_alpha: now 0.0, checkpoint 1.0; --seed: now 8, checkpoint 7)") in warnings[0]
 
 
 @pytest.mark.integration
