@@ -153,8 +153,21 @@ def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str
         command = ["bash", os.path.join(ROOT, "scripts", "train.sh")]
         env = {"MODEL": model, "OUTPUT_DIR": spec.output_dir, "PYTHON": sys.executable}
     else:
-        command = [*shlex.split(launcher), os.path.join(ROOT, "train_dft.py")]
+        prefix = shlex.split(launcher)
+        if os.path.basename(prefix[0]) == "deepspeed" and not any(p.startswith("--master_port") for p in prefix):
+            # Its default port is 29500 for every run: two at once (--parallel) would collide (EADDRINUSE).
+            # torchrun picks a free one itself on one machine, train.sh too.
+            prefix += ["--master_port", str(free_port())]
+        command = [*prefix, os.path.join(ROOT, "train_dft.py")]
     return command + flags, env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 # ---- launching -------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 #   MODEL [assets/tiny-qwen2]  DATA_FILES [data/sample/*]  OUTPUT_DIR [outputs/dft-<timestamp>]
 #   LOG_DIR [OUTPUT_DIR/logs]  NUM_GPUS [all visible]  NUM_PROCS [1: CPU processes when NUM_GPUS is 0]
 #   DS_CONFIG [ds_config/zero3.json on GPUs; on CPU only when set]  NNODES [1]  HOSTFILE
-#   MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]  DFT_ALPHA [unset: the --loss_type's own]  PYTHON [python]
+#   MASTER_ADDR [127.0.0.1]  MASTER_PORT [a free port; 29500 with NNODES > 1]  DFT_ALPHA [unset: the --loss_type's own]  PYTHON [python]
 #   DRY_RUN [0; 1 prints the command and exits]
 #
 # Launchers: GPUs -> `deepspeed --num_gpus NUM_GPUS` (with --hostfile for NNODES > 1) and DS_CONFIG;
@@ -29,10 +29,15 @@ CPU_DS_CONFIG="${DS_CONFIG:-}"
 DS_CONFIG="${DS_CONFIG:-ds_config/zero3.json}"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
 NUM_PROCS="${NUM_PROCS:-1}"
 DFT_ALPHA="${DFT_ALPHA:-}"
 PYTHON="${PYTHON:-python}"
+if [ -z "${MASTER_PORT:-}" ] && [ "$NNODES" = 1 ]; then
+  # One machine: a free port, so that two runs at once (compare.py --parallel, two jobs on one 8-GPU node)
+  # do not both try 29500 (EADDRINUSE). Several nodes must agree on it: 29500 unless set.
+  MASTER_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 29500)"
+fi
+MASTER_PORT="${MASTER_PORT:-29500}"
 DRY_RUN="${DRY_RUN:-0}"
 # DeepSpeed compiles its CPU ops once; keep them across runs.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"

@@ -137,6 +137,11 @@ def test_run_commands_for_each_launcher(tmp_path):
     (tmp_path / "run" / "checkpoint-4").mkdir(parents=True)  # a run stopped after a checkpoint continues from it
     command, _ = eval_compare.run_command(spec, [], "torchrun --nproc_per_node 2", "m")
     assert command[:3] == ["torchrun", "--nproc_per_node", "2"] and command[-2:] == ["--resume_from_checkpoint", "latest"]
+    # The deepspeed runner's port is always 29500 unless given: runs at once (--parallel) would collide.
+    command, _ = eval_compare.run_command(spec, [], "deepspeed --num_gpus 2", "m")
+    assert command[:4] == ["deepspeed", "--num_gpus", "2", "--master_port"] and int(command[4]) != 29500
+    command, _ = eval_compare.run_command(spec, [], "deepspeed --num_gpus 2 --master_port 29600", "m")
+    assert command.count("--master_port") == 1 and command[4] == "29600"
 
 
 # ---- integration: real runs ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def test_ds_config_leaves_the_numbers_to_the_command_line(name):
 
 
 def dry_run(env: dict[str, str], *extra: str) -> str:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE", "PYTHON")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE", "PYTHON", "MASTER_PORT")}
     full_env.update(DRY_RUN="1", OUTPUT_DIR="out", **env)
     result = subprocess.run(["bash", "scripts/train.sh", *extra], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -38,7 +38,7 @@ def dry_run(env: dict[str, str], *extra: str) -> str:
 
 
 def test_train_sh_gpu_commands():
-    one = dry_run({"NUM_GPUS": "1", "MODEL": "/models/m"}, "--num_train_epochs", "2")
+    one = dry_run({"NUM_GPUS": "1", "MODEL": "/models/m", "MASTER_PORT": "29500"}, "--num_train_epochs", "2")
     assert one.startswith("deepspeed --num_gpus 1 --master_port 29500 train_dft.py --model_name_or_path /models/m")
     assert one.endswith("--deepspeed ds_config/zero3.json --bf16 True --num_train_epochs 2")
     eight = dry_run({"NUM_GPUS": "8", "MODEL": "/models/m", "DS_CONFIG": "ds_config/zero3_offload.json"})
@@ -111,3 +111,15 @@ def test_a_launched_rank_closes_its_process_group_on_every_exit(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert "exit 2 group open False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_train_sh_picks_a_free_master_port_on_one_machine():
+    """Two single-machine runs at once (compare.py --parallel 2 --launcher train.sh) both used port 29500:
+    the second died with EADDRINUSE. Several nodes must agree on the port: 29500 unless set."""
+    import re
+
+    ports = [int(re.search(r"--master_port (\d+)", dry_run({"NUM_GPUS": "0", "NUM_PROCS": "2"})).group(1)) for _ in range(2)]
+    assert all(port != 29500 and 1024 <= port < 65536 for port in ports)
+    assert "--master_port 29511 " in dry_run({"NUM_GPUS": "0", "NUM_PROCS": "2", "MASTER_PORT": "29511"})
+    nodes = dry_run({"NUM_GPUS": "8", "NNODES": "2", "HOSTFILE": "hosts", "MODEL": "/models/m"})
+    assert "--master_port 29500 " in nodes
