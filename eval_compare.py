@@ -151,7 +151,11 @@ def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str
         command = [sys.executable, os.path.join(ROOT, "train_dft.py")]
     elif launcher == "train.sh":
         command = ["bash", os.path.join(ROOT, "scripts", "train.sh")]
-        env = {"MODEL": model, "OUTPUT_DIR": spec.output_dir, "PYTHON": sys.executable}
+        # A folder as an absolute path: train.sh adds its demo settings (learning rate, epochs, evaluation)
+        # when MODEL is literally the bundled `assets/tiny-qwen2`, and a sweep's runs must be the same
+        # whichever launcher starts them.
+        local = os.path.abspath(model) if os.path.isdir(model) else model
+        env = {"MODEL": local, "OUTPUT_DIR": spec.output_dir, "PYTHON": sys.executable}
     else:
         prefix = shlex.split(launcher)
         if os.path.basename(prefix[0]) == "deepspeed" and not any(p.startswith("--master_port") for p in prefix):

@@ -192,6 +192,10 @@ def test_train_sh_launch_of_an_sft_variant_parses(tmp_path):
                              capture_output=True, text=True, check=True).stdout
     argv = shlex.split(printed)[2:]  # after `python train_dft.py`
     assert "--dft_alpha" not in argv
+    # Not train.sh's demo settings for the bundled model: the same run as with --launcher python.
+    assert argv == ["--model_name_or_path", os.path.join(ROOT, "assets", "tiny-qwen2"), "--data_files", "data/sample/chat_en.jsonl",
+                    "data/sample/chat_zh.json", "--output_dir", spec.output_dir, "--logging_dir", os.path.join(spec.output_dir, "logs"),
+                    "--disable_tqdm", "True", *command[2:]]  # (no terminal)
     training_args = train_dft.parse_args(argv)[2]
     assert (training_args.loss_type, training_args.dft_alpha) == ("sft", 0.0)
     printed = subprocess.run(command, cwd=ROOT, env={**child_env(), **env, "DRY_RUN": "1", "NUM_GPUS": "0", "DFT_ALPHA": "0.5"},
