@@ -253,6 +253,18 @@ def launch(command: list[str], env: dict[str, str], log_path: str, cwd: str = RO
     return code, time.time() - started
 
 
+def lock_holders(path: str) -> list[int]:
+    """The processes that have `path` open (Linux /proc; [] elsewhere)."""
+    target, pids = os.path.realpath(path), []
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            if any(os.path.realpath(os.path.join("/proc", pid, "fd", fd)) == target for fd in os.listdir(f"/proc/{pid}/fd")):
+                pids.append(int(pid))
+        except OSError:  # gone, or not ours to look at
+            continue
+    return sorted(pids)
+
+
 def lock_sweep(output_dir: str) -> int:
     """Locks the sweep's root for this compare.py and every run it launches (they inherit the lock), so a
     second compare.py on the same root, or a rerun while a run of a killed compare.py (SIGKILL, a lost
@@ -267,14 +279,14 @@ def lock_sweep(output_dir: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
         os.close(fd)
+        pids = lock_holders(path)
+        held = f"held by pid {', '.join(map(str, pids))}" if pids else "held"
+        stop = f"`kill {' '.join(map(str, pids))}` (a run saves a checkpoint and stops)" if pids else "stop it"
         raise SweepError(
             f"--output_dir {output_dir}: another compare.py, or a run it launched, is still running there "
-            f"(the lock {path} is held; started by {holder}); wait for it to finish or stop it, then run the command again."
+            f"(the lock {path} is {held}); wait for it to finish or {stop}, then run the command again."
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"compare.py pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     os.set_inheritable(fd, False)  # only the launches it is given to (pass_fds) hold it
     return fd
 

@@ -223,9 +223,9 @@ def test_launches_hold_the_sweep_lock_and_get_the_stop(tmp_path):
         while not launches._running:
             threading.Event().wait(0.05)
         os.close(fd)  # compare.py gone (SIGKILL): the launch still holds the lock
-        with pytest.raises(SweepError, match="still running there"):
-            eval_compare.lock_sweep(str(tmp_path))
         group = next(iter(launches._running))
+        with pytest.raises(SweepError, match=f"still running there .*held by pid {group}\\b.*`kill {group}`"):
+            eval_compare.lock_sweep(str(tmp_path))
         launches.stop(signal.SIGTERM)
         thread.join(30)
     assert codes == [-signal.SIGTERM]
