@@ -213,10 +213,27 @@ class Launches:
         if self.stop_signal is not None:  # the stop came while it was starting: the handler did not see it
             _terminate_group(process.pid)
         try:
-            return process.wait()
+            code = process.wait()
+            # The launcher can end before its workers: the deepspeed runner dies on SIGTERM at once while
+            # the ranks still save their checkpoint. Wait for the whole group, so that a rerun never starts
+            # beside them (bounded when not stopping: a stray process must not hang the sweep).
+            deadline = None if self.stop_signal is not None else time.time() + 30
+            while _group_alive(process.pid) and (deadline is None or time.time() < deadline):
+                time.sleep(0.2)
+            return code
         finally:
             with self._lock:
                 self._running.discard(process.pid)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of the group is not ours to signal, but it is there
+        return True
 
 
 def _terminate_group(group: int) -> None:

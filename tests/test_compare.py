@@ -214,13 +214,17 @@ def test_launches_hold_the_sweep_lock_and_get_the_stop(tmp_path):
         eval_compare.lock_sweep(str(tmp_path))  # a second compare.py on the same root
     launches = eval_compare.Launches()
     launches.inherited_fds = (fd,)
-    # The launcher starts a worker of its own: both must get the stop (as the deepspeed runner's workers).
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    # The launcher starts a worker of its own and dies on SIGTERM at once, as the deepspeed runner does; its
+    # worker gets the stop too, and saves (here: writes a file after a while) before it exits.
+    saved, ready = tmp_path / "saved", tmp_path / "ready"
+    worker = (f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), open({str(saved)!r}, 'w').close(), "
+              f"sys.exit(143))); open({str(ready)!r}, 'w').close(); time.sleep(60)")
+    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
     codes = []
     with open(tmp_path / "log", "w") as log:
         thread = threading.Thread(target=lambda: codes.append(launches.run([sys.executable, "-c", script], {}, log, str(tmp_path))))
         thread.start()
-        while not launches._running:
+        while not ready.is_file():
             threading.Event().wait(0.05)
         os.close(fd)  # compare.py gone (SIGKILL): the launch still holds the lock
         group = next(iter(launches._running))
@@ -229,6 +233,7 @@ def test_launches_hold_the_sweep_lock_and_get_the_stop(tmp_path):
         launches.stop(signal.SIGTERM)
         thread.join(30)
     assert codes == [-signal.SIGTERM]
+    assert saved.is_file()  # run() returned only once the worker had finished its save
     for _ in range(100):  # the worker too (same process group)
         try:
             os.killpg(group, 0)
