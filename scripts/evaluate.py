@@ -115,7 +115,10 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args:
         data_args = DataArguments(data_files=eval_args.eval_data_files, max_length=eval_args.max_length,
                                   chat_template_kwargs=eval_args.chat_template_kwargs)
         # The files are read as training files would be; that dataset is what gets scored.
-        eval_dataset, _, _ = build_datasets(data_args, tokenizer, training_args)
+        try:
+            eval_dataset, _, _ = build_datasets(data_args, tokenizer, training_args)
+        except DataError as err:  # read as --data_files, given here as --eval_data_files: name the flag used
+            raise DataError(str(err).replace("--data_files", "--eval_data_files")) from None
     model = load_eval_model(model_args, eval_args, training_args, tokenizer, setup)
     trainer = DFTTrainer(
         model=model, args=training_args, eval_dataset=eval_dataset, processing_class=tokenizer,
