@@ -374,7 +374,9 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
     command, env = run_command(spec, config.train_flags, config.launcher, config.model_name_or_path)
     log(f"{prefix}: {shlex.join(command)}")
     log_path = os.path.join(spec.output_dir, LAUNCH_LOG)
+    earlier = earlier_seconds(spec.output_dir)  # the sessions before this resume: the run's wall time is all of them
     code, seconds = launch(command, env, log_path)
+    seconds += earlier
     if LAUNCHES.stop_signal is not None and not run_is_finished(spec.output_dir):
         reason = stop_reason(code)
         result = read_run(spec.output_dir, spec.variant.name, spec.seed, STOPPED, reason, round(seconds, 1))
@@ -390,6 +392,18 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
     with open(os.path.join(spec.output_dir, RUN_STATUS_FILE), "w", encoding="utf-8") as f:
         json.dump({"status": result.status, "reason": result.reason, "seconds": round(seconds, 1)}, f, indent=2)
     return result
+
+
+def earlier_seconds(output_dir: str) -> float:
+    """The launch seconds recorded for a run that resumes from its checkpoint (0 for a fresh start)."""
+    path = os.path.join(output_dir, RUN_STATUS_FILE)
+    if not has_checkpoint(output_dir) or not os.path.isfile(path):
+        return 0.0
+    try:
+        with open(path, encoding="utf-8") as f:
+            return float(json.load(f).get("seconds") or 0.0)
+    except (OSError, ValueError, AttributeError):
+        return 0.0
 
 
 def stop_reason(code: int | None) -> str:

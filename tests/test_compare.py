@@ -278,6 +278,7 @@ def test_sigterm_to_compare_stops_the_run_with_a_checkpoint_and_a_rerun_resumes_
     stopped_at = int(checkpoints[0].name.split("-")[1])
     assert 2 <= stopped_at < 400
     os.close(eval_compare.lock_sweep(str(out)))  # no process of the run is left holding the sweep
+    first_session = json.loads((out / "sft-seed0" / "compare_run.json").read_text())["seconds"]
 
     again = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -285,3 +286,6 @@ def test_sigterm_to_compare_stops_the_run_with_a_checkpoint_and_a_rerun_resumes_
     state = json.loads((out / "sft-seed0" / "trainer_state.json").read_text())
     assert state["global_step"] == 400
     assert [h["step"] for h in state["log_history"] if "loss" in h][0] == 1  # the resumed history kept the steps before the stop
+    # The run's wall time is both sessions (was the resumed session's alone).
+    resumed_session = json.loads((out / "sft-seed0" / "run_summary.json").read_text())["wall_seconds"]
+    assert json.loads((out / "compare.json").read_text())["runs"][0]["wall_seconds"] >= first_session + resumed_session
