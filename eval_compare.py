@@ -374,9 +374,10 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
     command, env = run_command(spec, config.train_flags, config.launcher, config.model_name_or_path)
     log(f"{prefix}: {shlex.join(command)}")
     log_path = os.path.join(spec.output_dir, LAUNCH_LOG)
-    earlier = earlier_seconds(spec.output_dir)  # the sessions before this resume: the run's wall time is all of them
+    sessions = earlier_sessions(spec.output_dir)  # the launches before this resume: the run's wall time is all of them
     code, seconds = launch(command, env, log_path)
-    seconds += earlier
+    sessions.append(round(seconds, 1))
+    seconds = sum(sessions)
     if LAUNCHES.stop_signal is not None and not run_is_finished(spec.output_dir):
         reason = stop_reason(code)
         result = read_run(spec.output_dir, spec.variant.name, spec.seed, STOPPED, reason, round(seconds, 1))
@@ -390,20 +391,21 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
         result = read_run(spec.output_dir, spec.variant.name, spec.seed, "failed", reason, round(seconds, 1))
         log(f"{prefix}: FAILED ({reason}); log: {log_path}")
     with open(os.path.join(spec.output_dir, RUN_STATUS_FILE), "w", encoding="utf-8") as f:
-        json.dump({"status": result.status, "reason": result.reason, "seconds": round(seconds, 1)}, f, indent=2)
+        json.dump({"status": result.status, "reason": result.reason, "seconds": round(seconds, 1), "sessions": sessions}, f, indent=2)
     return result
 
 
-def earlier_seconds(output_dir: str) -> float:
-    """The launch seconds recorded for a run that resumes from its checkpoint (0 for a fresh start)."""
+def earlier_sessions(output_dir: str) -> list[float]:
+    """The seconds of each earlier launch of a run that resumes from its checkpoint ([] for a fresh start)."""
     path = os.path.join(output_dir, RUN_STATUS_FILE)
     if not has_checkpoint(output_dir) or not os.path.isfile(path):
-        return 0.0
+        return []
     try:
         with open(path, encoding="utf-8") as f:
-            return float(json.load(f).get("seconds") or 0.0)
-    except (OSError, ValueError, AttributeError):
-        return 0.0
+            status = json.load(f)
+        return [float(s) for s in status.get("sessions", [status["seconds"]])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def stop_reason(code: int | None) -> str:
