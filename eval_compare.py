@@ -9,8 +9,9 @@ Everything the table shows is read back from the runs' own files (trainer_state.
 run_summary.json), so re-running the command on a half-finished sweep only launches what is missing:
 a run folder with run_summary.json is finished and never redone.
 
-Variants and the plan are pure functions here; reading runs back, mean/std and the table are in
-eval_compare_results.py, the figure in eval_compare_plot.py.
+Variants and the plan are pure functions here; the processes (process groups, stop, exit reasons) are
+in eval_compare_launch.py, reading runs back, mean/std and the table in eval_compare_results.py, the
+figure in eval_compare_plot.py.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from eval_compare_launch import (  # noqa: F401  (Launches, exit_reason: part of this module's interface)
+    LAUNCHES, Launches, exit_reason, free_port, launch, lock_holders, read_tail,
+)
 from eval_compare_results import (
     ACCURACY, RUN_STATUS_FILE, RUN_SUMMARY_FILE, RunResult, aggregate, markdown_table, mean_curve, read_run,
 )
@@ -166,122 +169,7 @@ def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str
     return command + flags, env
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-# ---- launching -------------------------------------------------------------------------------------------
-class Launches:
-    """The sweep's running launches, so that a SIGTERM or Ctrl-C to compare.py reaches them.
-
-    Each launch gets its own process group: a signal to the group reaches the launcher and every
-    training process under it (the single-node `deepspeed` runner does not forward signals itself), and
-    a Ctrl-C in the terminal reaches compare.py alone, which passes it on as SIGTERM once. The runs
-    then save a checkpoint and stop (exit 143), and no launch starts after a stop.
-    """
-
-    def __init__(self):
-        self.stop_signal: int | None = None
-        self.inherited_fds: tuple[int, ...] = ()  # the sweep's lock (see `lock_sweep`)
-        self._running: set[int] = set()  # process group ids (= the launchers' pids)
-        self._lock = threading.Lock()
-
-    def stop(self, signum: int) -> None:
-        """Signal handler: remember the stop and pass SIGTERM to every running launch."""
-        first = self.stop_signal is None
-        self.stop_signal = self.stop_signal or signum
-        with self._lock:
-            groups = list(self._running)
-        if first:
-            for group in groups:
-                _terminate_group(group)
-
-    def run(self, command: list[str], env: dict[str, str], log, cwd: str) -> int | None:
-        """Runs one launch to its end; None (not started) after a stop."""
-        if self.stop_signal is not None:
-            return None
-        process = subprocess.Popen(
-            command, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, process_group=0, pass_fds=self.inherited_fds,
-        )
-        with self._lock:
-            self._running.add(process.pid)
-        if self.stop_signal is not None:  # the stop came while it was starting: the handler did not see it
-            _terminate_group(process.pid)
-        try:
-            code = process.wait()
-            # The launcher can end before its workers: the deepspeed runner dies on SIGTERM at once while
-            # the ranks still save their checkpoint. Wait for the whole group, so that a rerun never starts
-            # beside them (bounded when not stopping: a stray process must not hang the sweep).
-            deadline = None if self.stop_signal is not None else time.time() + 30
-            while _group_alive(process.pid) and (deadline is None or time.time() < deadline):
-                time.sleep(0.2)
-            return code
-        finally:
-            with self._lock:
-                self._running.discard(process.pid)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of the group is not ours to signal, but it is there
-        return True
-
-
-def _terminate_group(group: int) -> None:
-    try:
-        os.killpg(group, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-
-
-LAUNCHES = Launches()
-
-
-def exit_reason(returncode: int, log_text: str) -> str:
-    """`exit 2: error: --foo ...`: the exit status and the line that says why (the last `error:` line,
-    else the last line of a traceback, else the last line)."""
-    status = f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}"
-    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
-    why = next((line for line in reversed(lines) if line.startswith("error:")), None)
-    if why is None:
-        errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*", line)]
-        why = errors[-1] if errors else (lines[-1] if lines else "no output")
-    return f"{status}: {why[:300]}"
-
-
-def launch(command: list[str], env: dict[str, str], log_path: str, cwd: str = ROOT) -> tuple[int | None, float]:
-    """Runs one launch, its stdout and stderr appended to log_path. Returns (exit status, seconds); the
-    status is None when the sweep was stopped before the launch started."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    started = time.time()
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n$ {shlex.join(command)}\n")
-        log.flush()
-        code = LAUNCHES.run(command, env, log, cwd)
-    return code, time.time() - started
-
-
-def lock_holders(path: str) -> list[int]:
-    """The processes that have `path` open (Linux /proc; [] elsewhere)."""
-    target, pids = os.path.realpath(path), []
-    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
-        try:
-            if any(os.path.realpath(os.path.join("/proc", pid, "fd", fd)) == target for fd in os.listdir(f"/proc/{pid}/fd")):
-                pids.append(int(pid))
-        except OSError:  # gone, or not ours to look at
-            continue
-    return sorted(pids)
-
-
+# ---- launching (the processes themselves: eval_compare_launch.py) -----------------------------------------
 def lock_sweep(output_dir: str) -> int:
     """Locks the sweep's root for this compare.py and every run it launches (they inherit the lock), so a
     second compare.py on the same root, or a rerun while a run of a killed compare.py (SIGKILL, a lost
@@ -306,14 +194,6 @@ def lock_sweep(output_dir: str) -> int:
         ) from None
     os.set_inheritable(fd, False)  # only the launches it is given to (pass_fds) hold it
     return fd
-
-
-def read_tail(path: str, limit: int = 20_000) -> str:
-    if not os.path.isfile(path):
-        return ""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        f.seek(max(0, os.path.getsize(path) - limit))
-        return f.read()
 
 
 # ---- the sweep --------------------------------------------------------------------------------------------------
