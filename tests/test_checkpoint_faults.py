@@ -117,6 +117,13 @@ def test_checking_checkpoints_by_hand(tmp_path, capsys):
     assert lines[1].startswith(f"{tmp_path / 'checkpoint-10'}: DAMAGED, {tmp_path / 'checkpoint-10' / 'trainer_state.json'} is damaged")
     assert lines[2].startswith(f"{tmp_path / 'checkpoint-12'}: incomplete")
     assert checkpoint_manifest.main([str(tmp_path / "checkpoint-2")]) == 0
+    capsys.readouterr()
+    # A path that is not there was a FileNotFoundError traceback; a folder without checkpoints printed nothing.
+    (tmp_path / "empty").mkdir()
+    assert checkpoint_manifest.main([str(tmp_path / "nope"), str(tmp_path / "empty")]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: {tmp_path / 'nope'}: no such directory; give a run's --output_dir or one of its checkpoint-N directories\n"
+    assert out == f"{tmp_path / 'empty'}: no checkpoint-N directories\n"
 
 
 # ---- unit: output directories ---------------------------------------------------------------------------
