@@ -319,6 +319,8 @@ def _why_unwritable(err: OSError, path: str) -> str:
         return "a part of the path is a file, not a directory"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"not writable ({err.strerror})"
+    if err.errno == errno.ENOENT:  # e.g. under /proc, or a path the file system will not create
+        return f"cannot be created ({err.strerror})"
     return err.strerror or str(err)
 
 
@@ -339,7 +341,8 @@ def check_output_dir(flag: str, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        raise CheckpointError(f"{flag} {path}: {_why_unwritable(err, path)}; free space or choose another directory") from None
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise CheckpointError(f"{flag} {path}: {_why_unwritable(err, path)}; {'free space or ' if full else ''}choose another directory") from None
     finally:
         if os.path.exists(probe):
             os.remove(probe)

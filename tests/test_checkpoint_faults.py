@@ -138,6 +138,13 @@ def test_output_dir_that_is_a_file(tmp_path):
     assert (tmp_path / "new" / "dir").is_dir() and not list((tmp_path / "new" / "dir").iterdir())
 
 
+def test_output_dir_that_cannot_be_created_does_not_advise_freeing_space():
+    """Was `--output_dir /proc/x: No such file or directory; free space or choose another directory`."""
+    with pytest.raises(CheckpointError) as raised:
+        check_output_dir("--output_dir", "/proc/dft-trainer-test/run")
+    assert str(raised.value) == "--output_dir /proc/dft-trainer-test/run: cannot be created (No such file or directory); choose another directory"
+
+
 # ---- integration: real runs -----------------------------------------------------------------------------
 def run_args(data_file: str, output_dir: Path) -> list[str]:
     return [
