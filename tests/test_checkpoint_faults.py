@@ -138,6 +138,27 @@ def test_output_dir_that_is_a_file(tmp_path):
     assert (tmp_path / "new" / "dir").is_dir() and not list((tmp_path / "new" / "dir").iterdir())
 
 
+def test_resume_settings_compare_loss_and_number_of_processes(tmp_path):
+    """A checkpoint of 2 processes resumed by 1 (the data order and effective batch change) is named too."""
+    import torch
+
+    from arguments import DFTTrainingArguments
+    from checkpoints import changed_resume_settings
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    saved = DFTTrainingArguments(output_dir=str(tmp_path), loss_type="dft", report_to="none")
+    torch.save(saved, checkpoint / "training_args.bin")
+    for rank in (0, 1):
+        (checkpoint / f"rng_state_{rank}.pth").write_bytes(b"")
+    now = DFTTrainingArguments(output_dir=str(tmp_path), loss_type="dft", report_to="none")
+    assert changed_resume_settings(str(checkpoint), now) == ["processes: now 1, checkpoint 2"]
+    now = DFTTrainingArguments(output_dir=str(tmp_path), loss_type="asft", anchor_kl_coef=0.1, report_to="none")
+    assert changed_resume_settings(str(checkpoint), now)[:2] == ["--loss_type: now asft, checkpoint dft", "--anchor_kl_coef: now 0.1, checkpoint None"]
+    (checkpoint / "training_args.bin").write_bytes(b"not a pickle")  # unreadable: nothing to compare but the ranks
+    assert changed_resume_settings(str(checkpoint), now) == ["processes: now 1, checkpoint 2"]
+
+
 def test_output_dir_that_cannot_be_created_does_not_advise_freeing_space():
     """Was `--output_dir /proc/x: No such file or directory; free space or choose another directory`."""
     with pytest.raises(CheckpointError) as raised:
