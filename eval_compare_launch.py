@@ -47,7 +47,7 @@ class Launches:
             return None
         process = subprocess.Popen(
             command, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, process_group=0, pass_fds=self.inherited_fds,
+            stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=self.inherited_fds,  # own group (Python 3.10 too)
         )
         with self._lock:
             self._running.add(process.pid)
