@@ -169,7 +169,7 @@ def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str
     return command + flags, env
 
 
-# ---- launching (the processes themselves: eval_compare_launch.py) -----------------------------------------
+# ---- the sweep's lock (the launches themselves: eval_compare_launch.py) ----------------------------------
 def lock_sweep(output_dir: str) -> int:
     """Locks the sweep's root for this compare.py and every run it launches (they inherit the lock), so a
     second compare.py on the same root, or a rerun while a run of a killed compare.py (SIGKILL, a lost
