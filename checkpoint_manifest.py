@@ -193,24 +193,30 @@ def describe(checkpoint_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """python checkpoint_manifest.py OUTPUT_DIR_OR_CHECKPOINT...: one line per checkpoint; exit 1 if any
-    is damaged."""
+    is damaged, 2 if a path is not a directory (one `error:` line each)."""
     import sys
 
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
         print("usage: python checkpoint_manifest.py OUTPUT_DIR_OR_CHECKPOINT...", file=sys.stderr)
         return 2
-    damaged = False
+    damaged = bad_path = False
     for path in paths:
+        if not os.path.isdir(path):
+            print(f"error: {path}: no such directory; give a run's --output_dir or one of its checkpoint-N directories", file=sys.stderr)
+            bad_path = True
+            continue
         checkpoints = [path] if os.path.basename(os.path.normpath(path)).startswith("checkpoint-") else sorted(
             (os.path.join(path, name) for name in os.listdir(path) if re.fullmatch(r"checkpoint-\d+", name)),
             key=lambda p: int(p.rsplit("-", 1)[1]),
         )
+        if not checkpoints:
+            print(f"{path}: no checkpoint-N directories")
         for checkpoint in checkpoints:
             line = describe(checkpoint)
             damaged |= ": DAMAGED, " in line
             print(line)
-    return 1 if damaged else 0
+    return 2 if bad_path else 1 if damaged else 0
 
 
 if __name__ == "__main__":

@@ -251,12 +251,49 @@ def add_checkpoint_callbacks(trainer) -> GracefulStopCallback:
     return stop
 
 
+# What a resumed run must share with the run that wrote the checkpoint to be the same run: the loss, the
+# optimisation and the data order. transformers itself warns only about batch size and step intervals.
+RESUME_SETTINGS = (
+    "loss_type", "dft_alpha", "dft_min_weight", "dft_alpha_warmup_ratio", "anchor_kl_coef", "anchor_kl_direction",
+    "eaft_top_k", "eaft_power", "learning_rate", "lr_scheduler_type", "weight_decay", "gradient_accumulation_steps",
+    "seed", "data_seed",
+)
+
+
+def changed_resume_settings(checkpoint_dir: str, training_args) -> list[str]:
+    """`--flag: now X, checkpoint Y` for each of RESUME_SETTINGS, and the number of processes, that differs
+    from the run that wrote `checkpoint_dir` (its training_args.bin and rng_state files); [] when that
+    cannot be read (a checkpoint of plain transformers or of an older version)."""
+    import torch
+
+    changed = []
+    try:
+        saved = torch.load(os.path.join(checkpoint_dir, "training_args.bin"), weights_only=False)
+    except Exception:  # absent or unreadable (another version's class): nothing to compare
+        saved = None
+    for name in RESUME_SETTINGS:
+        if saved is not None and hasattr(saved, name) and getattr(saved, name) != getattr(training_args, name, None):
+            changed.append(f"--{name}: now {getattr(training_args, name, None)}, checkpoint {getattr(saved, name)}")
+    ranks = [n for n in os.listdir(checkpoint_dir) if re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
+    if ranks and len(ranks) != training_args.world_size:
+        changed.append(f"processes: now {training_args.world_size}, checkpoint {len(ranks)}")
+    return changed
+
+
 def prepare_resume(training_args) -> str | None:
     """The checkpoint `Trainer.train` should resume from (see `resolve_resume_checkpoint`); with `latest`,
-    world rank 0 also clears the half-written or damaged checkpoints past it (see `remove_checkpoints_after`)."""
+    world rank 0 also clears the half-written or damaged checkpoints past it (see `remove_checkpoints_after`).
+    Settings that differ from the run that wrote it are named in one warning (a changed --loss_type used
+    to go on silently, mixing two losses in one run)."""
     resume_dir = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if training_args.resume_from_checkpoint == "latest" and training_args.process_index == 0:
         remove_checkpoints_after(training_args.output_dir, resume_dir)
+    if resume_dir and training_args.process_index == 0:
+        changed = changed_resume_settings(resume_dir, training_args)
+        if changed:
+            logger.warning("resuming %s with settings that differ from the run that wrote it (%s): from here on "
+                           "this is a different run; resume with the original flags to continue that one",
+                           resume_dir, "; ".join(changed))
     return resume_dir
 
 
@@ -282,6 +319,8 @@ def _why_unwritable(err: OSError, path: str) -> str:
         return "a part of the path is a file, not a directory"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"not writable ({err.strerror})"
+    if err.errno == errno.ENOENT:  # e.g. under /proc, or a path the file system will not create
+        return f"cannot be created ({err.strerror})"
     return err.strerror or str(err)
 
 
@@ -302,7 +341,8 @@ def check_output_dir(flag: str, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        raise CheckpointError(f"{flag} {path}: {_why_unwritable(err, path)}; free space or choose another directory") from None
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise CheckpointError(f"{flag} {path}: {_why_unwritable(err, path)}; {'free space or ' if full else ''}choose another directory") from None
     finally:
         if os.path.exists(probe):
             os.remove(probe)

@@ -9,23 +9,29 @@ Everything the table shows is read back from the runs' own files (trainer_state.
 run_summary.json), so re-running the command on a half-finished sweep only launches what is missing:
 a run folder with run_summary.json is finished and never redone.
 
-Variants and the plan are pure functions here; reading runs back, mean/std and the table are in
-eval_compare_results.py, the figure in eval_compare_plot.py.
+Variants and the plan are pure functions here; the processes (process groups, stop, exit reasons) are
+in eval_compare_launch.py, reading runs back, mean/std and the table in eval_compare_results.py, the
+figure in eval_compare_plot.py.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
-import subprocess
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from eval_compare_launch import (  # noqa: F401  (Launches, exit_reason: part of this module's interface)
+    LAUNCHES, Launches, exit_reason, free_port, launch, lock_holders, read_tail,
+)
 from eval_compare_results import (
     ACCURACY, RUN_STATUS_FILE, RUN_SUMMARY_FILE, RunResult, aggregate, markdown_table, mean_curve, read_run,
 )
@@ -37,7 +43,8 @@ BASE_RESULTS_FILE = "eval_results.json"
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
 COMPARE_MD = "compare.md"
-
+LOCK_FILE = ".compare.lock"
+STOPPED = "stopped"
 
 
 class SweepError(ValueError):
@@ -147,42 +154,46 @@ def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str
         command = [sys.executable, os.path.join(ROOT, "train_dft.py")]
     elif launcher == "train.sh":
         command = ["bash", os.path.join(ROOT, "scripts", "train.sh")]
-        env = {"MODEL": model, "OUTPUT_DIR": spec.output_dir, "PYTHON": sys.executable}
+        # A folder as an absolute path: train.sh adds its demo settings (learning rate, epochs, evaluation)
+        # when MODEL is literally the bundled `assets/tiny-qwen2`, and a sweep's runs must be the same
+        # whichever launcher starts them.
+        local = os.path.abspath(model) if os.path.isdir(model) else model
+        env = {"MODEL": local, "OUTPUT_DIR": spec.output_dir, "PYTHON": sys.executable}
     else:
-        command = [*shlex.split(launcher), os.path.join(ROOT, "train_dft.py")]
+        prefix = shlex.split(launcher)
+        if os.path.basename(prefix[0]) == "deepspeed" and not any(p.startswith("--master_port") for p in prefix):
+            # Its default port is 29500 for every run: two at once (--parallel) would collide (EADDRINUSE).
+            # torchrun picks a free one itself on one machine, train.sh too.
+            prefix += ["--master_port", str(free_port())]
+        command = [*prefix, os.path.join(ROOT, "train_dft.py")]
     return command + flags, env
 
 
-# ---- launching -------------------------------------------------------------------------------------------
-def exit_reason(returncode: int, log_text: str) -> str:
-    """`exit 2: error: --foo ...`: the exit status and the line that says why (the last `error:` line,
-    else the last line of a traceback, else the last line)."""
-    status = f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}"
-    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
-    why = next((line for line in reversed(lines) if line.startswith("error:")), None)
-    if why is None:
-        errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*", line)]
-        why = errors[-1] if errors else (lines[-1] if lines else "no output")
-    return f"{status}: {why[:300]}"
+# ---- the sweep's lock (the launches themselves: eval_compare_launch.py) ----------------------------------
+def lock_sweep(output_dir: str) -> int:
+    """Locks the sweep's root for this compare.py and every run it launches (they inherit the lock), so a
+    second compare.py on the same root, or a rerun while a run of a killed compare.py (SIGKILL, a lost
+    terminal) is still training there, stops with one line instead of two processes writing one run.
+    Returns the lock's file descriptor (released when every holder has exited).
 
-
-def launch(command: list[str], env: dict[str, str], log_path: str, cwd: str = ROOT) -> tuple[int, float]:
-    """Runs one launch, its stdout and stderr appended to log_path. Returns (exit status, seconds)."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    started = time.time()
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n$ {shlex.join(command)}\n")
-        log.flush()
-        completed = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return completed.returncode, time.time() - started
-
-
-def read_tail(path: str, limit: int = 20_000) -> str:
-    if not os.path.isfile(path):
-        return ""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        f.seek(max(0, os.path.getsize(path) - limit))
-        return f.read()
+    Raises:
+        SweepError: the lock is held.
+    """
+    path = os.path.join(output_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pids = lock_holders(path)
+        held = f"held by pid {', '.join(map(str, pids))}" if pids else "held"
+        stop = f"`kill {' '.join(map(str, pids))}` (a run saves a checkpoint and stops)" if pids else "stop it"
+        raise SweepError(
+            f"--output_dir {output_dir}: another compare.py, or a run it launched, is still running there "
+            f"(the lock {path} is {held}); wait for it to finish or {stop}, then run the command again."
+        ) from None
+    os.set_inheritable(fd, False)  # only the launches it is given to (pass_fds) hold it
+    return fd
 
 
 # ---- the sweep --------------------------------------------------------------------------------------------------
@@ -213,6 +224,8 @@ def evaluate_base(config: SweepConfig, log: Callable[[str], None]) -> dict[str, 
         command = [sys.executable, script, "--model_name_or_path", config.model_name_or_path, *config.base_eval_flags, "--output_dir", base_dir]
         log(f"evaluating the base model: {shlex.join(command)}")
         code, _ = launch(command, {}, os.path.join(base_dir, LAUNCH_LOG))
+        if LAUNCHES.stop_signal is not None:
+            return {"status": STOPPED, "reason": stop_reason(code)}
         if code != 0 or not os.path.isfile(results_path):
             return {"status": "failed", "reason": exit_reason(code, read_tail(os.path.join(base_dir, LAUNCH_LOG)))}
     with open(results_path, encoding="utf-8") as f:
@@ -223,10 +236,13 @@ def evaluate_base(config: SweepConfig, log: Callable[[str], None]) -> dict[str, 
 
 
 def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[str], None]) -> RunResult:
-    """One run: skipped when finished, else launched; a failure becomes a RunResult with its exit reason."""
+    """One run: skipped when finished, else launched; a failure becomes a RunResult with its exit reason,
+    a run the sweep's stop interrupted (or never started) one with status `stopped`."""
     if run_is_finished(spec.output_dir):
         log(f"{prefix}: finished before, not redone")
         return read_run(spec.output_dir, spec.variant.name, spec.seed)
+    if LAUNCHES.stop_signal is not None:
+        return RunResult(spec.variant.name, spec.seed, spec.output_dir, STOPPED, stop_reason(None))
     if os.path.isdir(spec.output_dir) and not has_checkpoint(spec.output_dir):
         # A run that died before its first checkpoint: start it again from nothing (keeping its log).
         kept_log = read_tail(os.path.join(spec.output_dir, LAUNCH_LOG))
@@ -238,8 +254,15 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
     command, env = run_command(spec, config.train_flags, config.launcher, config.model_name_or_path)
     log(f"{prefix}: {shlex.join(command)}")
     log_path = os.path.join(spec.output_dir, LAUNCH_LOG)
+    sessions = earlier_sessions(spec.output_dir)  # the launches before this resume: the run's wall time is all of them
     code, seconds = launch(command, env, log_path)
-    if code == 0 and run_is_finished(spec.output_dir):
+    sessions.append(round(seconds, 1))
+    seconds = sum(sessions)
+    if LAUNCHES.stop_signal is not None and not run_is_finished(spec.output_dir):
+        reason = stop_reason(code)
+        result = read_run(spec.output_dir, spec.variant.name, spec.seed, STOPPED, reason, round(seconds, 1))
+        log(f"{prefix}: {reason}")
+    elif code == 0 and run_is_finished(spec.output_dir):
         result = read_run(spec.output_dir, spec.variant.name, spec.seed, wall_seconds=round(seconds, 1))
         accuracy = result.final.get(ACCURACY)
         log(f"{prefix}: ok in {seconds:.0f} s" + (f", final {ACCURACY} {accuracy:.3f}" if accuracy is not None else ""))
@@ -248,26 +271,61 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
         result = read_run(spec.output_dir, spec.variant.name, spec.seed, "failed", reason, round(seconds, 1))
         log(f"{prefix}: FAILED ({reason}); log: {log_path}")
     with open(os.path.join(spec.output_dir, RUN_STATUS_FILE), "w", encoding="utf-8") as f:
-        json.dump({"status": result.status, "reason": result.reason, "seconds": round(seconds, 1)}, f, indent=2)
+        json.dump({"status": result.status, "reason": result.reason, "seconds": round(seconds, 1), "sessions": sessions}, f, indent=2)
     return result
+
+
+def earlier_sessions(output_dir: str) -> list[float]:
+    """The seconds of each earlier launch of a run that resumes from its checkpoint ([] for a fresh start)."""
+    path = os.path.join(output_dir, RUN_STATUS_FILE)
+    if not has_checkpoint(output_dir) or not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            status = json.load(f)
+        return [float(s) for s in status.get("sessions", [status["seconds"]])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def stop_reason(code: int | None) -> str:
+    name = signal.Signals(LAUNCHES.stop_signal).name
+    how = "not started" if code is None else f"passed on as SIGTERM, {exit_reason(code, '').split(':')[0]}"
+    return f"stopped by {name} to compare.py ({how}); run the same command again to resume"
 
 
 def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Launches every run that is not finished (`config.parallel` at a time), then writes compare.json and
     compare.png and returns the compare record. A failed run is recorded with its exit reason and the
-    sweep goes on."""
+    sweep goes on. A SIGTERM or SIGINT stops the sweep: the running runs get SIGTERM (they save a
+    checkpoint and exit), no other starts, and the record has `stopped` set to the signal's number.
+
+    Raises:
+        SweepError: another compare.py, or a run launched by one, is still running in the sweep's root.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     os.makedirs(config.output_dir, exist_ok=True)
-    started = time.time()
-    base = evaluate_base(config, log) if config.base_eval_flags is not None else None
-    plan = plan_runs(config.variants, config.seeds, config.output_dir)
-    prefixes = [f"[{index}/{len(plan)}] {spec.name}" for index, spec in enumerate(plan, 1)]
-    # Threads only wait on subprocesses; results keep the plan's order.
-    with ThreadPoolExecutor(max_workers=max(1, config.parallel)) as pool:
-        results = list(pool.map(lambda item: execute_run(item[0], config, item[1], log), zip(plan, prefixes)))
-    compare = build_compare(config, results, base, time.time() - started)
-    write_compare(compare, config.output_dir)
+    lock_fd = lock_sweep(config.output_dir)
+    LAUNCHES.stop_signal, LAUNCHES.inherited_fds = None, (lock_fd,)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda signum, _: LAUNCHES.stop(signum)) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        started = time.time()
+        base = evaluate_base(config, log) if config.base_eval_flags is not None else None
+        plan = plan_runs(config.variants, config.seeds, config.output_dir)
+        prefixes = [f"[{index}/{len(plan)}] {spec.name}" for index, spec in enumerate(plan, 1)]
+        # Threads only wait on subprocesses; results keep the plan's order.
+        with ThreadPoolExecutor(max_workers=max(1, config.parallel)) as pool:
+            results = list(pool.map(lambda item: execute_run(item[0], config, item[1], log), zip(plan, prefixes)))
+        compare = build_compare(config, results, base, time.time() - started)
+        compare["stopped"] = LAUNCHES.stop_signal
+        write_compare(compare, config.output_dir)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        LAUNCHES.inherited_fds = ()
+        os.close(lock_fd)
     return compare
 
 

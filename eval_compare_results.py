@@ -224,7 +224,7 @@ def format_table(compare: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     for name, row in compare["variants"].items():
         for seed, reason in row["failed"].items():
-            lines.append(f"FAILED {name} seed {seed}: {reason}")
+            lines.append(f"{'STOPPED' if reason.startswith('stopped by') else 'FAILED'} {name} seed {seed}: {reason}")
     base = compare.get("base") or {}
     if base and base.get("status") != "ok":
         lines.append(f"base model not evaluated: {base.get('reason', '')}")

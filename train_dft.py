@@ -51,11 +51,19 @@ def parse_args(argv: list[str] | None = None):
         raise UsageError(str(err).splitlines()[0]) from None
 
 
+MODEL_FILES = ("config.json", "adapter_config.json")  # a model folder, or a LoRA output (its base named inside)
+
+
 def load_tokenizer(model_args: ModelArguments):
     path = model_args.model_name_or_path
     hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
-    if not hub_id and not os.path.isdir(os.path.expanduser(path)):
+    local = os.path.expanduser(path)
+    if not hub_id and not os.path.isdir(local):
         raise UsageError(f"--model_name_or_path {path}: no such model directory")
+    if os.path.isdir(local) and not any(os.path.isfile(os.path.join(local, name)) for name in MODEL_FILES):
+        # Else transformers fails on the tokenizer with "Couldn't instantiate the backend tokenizer".
+        raise UsageError(f"--model_name_or_path {path}: not a model directory (no {' or '.join(MODEL_FILES)}); "
+                         "give a model's folder, a run's output folder or one of its checkpoint-N folders")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     except OSError as err:
@@ -138,7 +146,13 @@ def run(
     recorder = RunRecorder.start(trainer, run_config, started)
     train_output = trainer.train(resume_from_checkpoint=prepare_resume(training_args))
     if stop.stopped:
-        logger.warning("stopped by SIGTERM at step %d; continue with --resume_from_checkpoint latest", trainer.state.global_step)
+        step = trainer.state.global_step
+        saved = os.path.join(training_args.output_dir, f"checkpoint-{step}")
+        if os.path.isdir(saved):
+            logger.warning("stopped by SIGTERM at step %d; %s saved: continue with --resume_from_checkpoint latest", step, saved)
+        else:  # --save_strategy no: `latest` would quietly start again from an older checkpoint or step 0
+            logger.warning("stopped by SIGTERM at step %d; no checkpoint saved (--save_strategy no): a rerun starts again "
+                           "from step 0 (or from an older checkpoint with --resume_from_checkpoint latest)", step)
         sys.exit(EXIT_STOPPED_BY_SIGTERM)
     if generation_evaluator is not None and training_args.eval_strategy == "no":
         trainer.evaluate()  # no evaluation during training: score the trained model once

@@ -14,7 +14,8 @@ Every run is its own launch (`--launcher python`, `train.sh`, or a prefix such a
 Running the same command again resumes: finished runs (run_summary.json present) are not redone.
 The base model is scored once with scripts/evaluate.py (OUTPUT_DIR/base/). Writes OUTPUT_DIR/compare.json
 and compare.png and prints the table. Exit code 0 when every run finished, 1 when some failed
-(they are in the table with their exit reason), 2 for bad options.
+(they are in the table with their exit reason), 2 for bad options. SIGTERM or Ctrl-C: the running runs
+save a checkpoint and stop, no other starts, the table so far is written (exit 143 / 130); rerun to resume.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -147,12 +149,18 @@ def main(argv: list[str] | None = None) -> dict:
         return experiment_main(argv[2:])
     try:
         config = parse(argv)
+        compare = run_sweep(config)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    compare = run_sweep(config)
     print(format_table(compare))
     print(f"wrote {os.path.join(config.output_dir, 'compare.json')}" + (f" and {compare['figure']}" if compare.get("figure") else ""))
+    if compare.get("stopped"):
+        name = signal.Signals(compare["stopped"]).name
+        print(f"compare.py: stopped by {name}, passed on to the runs in progress as SIGTERM (a run that is training saves "
+              "a checkpoint first). Run the same command "
+              "again to resume (finished runs are kept)", file=sys.stderr)
+        sys.exit(128 + compare["stopped"])
     failed = sum(len(row["failed"]) for row in compare["variants"].values())
     if failed:
         print(f"{failed} run(s) failed; run the same command again to retry them (finished runs are kept)", file=sys.stderr)

@@ -27,6 +27,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed  # noqa: E402
 
 from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype  # noqa: E402
+from checkpoints import check_output_dir  # noqa: E402
 from data_masking import parse_template_kwargs, template_kwargs  # noqa: E402
 from data_utils import DataCollatorForDFT, DataError, build_datasets  # noqa: E402
 from dft_trainer import DFTTrainer  # noqa: E402
@@ -99,15 +100,16 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args: GenerationEvalArguments) -> dict:
+    check_output_dir("--output_dir", eval_args.output_dir)  # a file, unwritable or a full disk: one line now
     logger = setup_logging(os.path.join(eval_args.output_dir, "logs") if is_main_process() else None, "evaluate.log")
     if not gen_args.eval_generation_files and not eval_args.eval_data_files:
         raise GenerationFileError("nothing to evaluate: give --eval_generation_files and/or --eval_data_files")
     set_seed(eval_args.seed)
+    transformers.logging.set_verbosity_warning()  # the table is the output, not the loading chatter
     training_args = DFTTrainingArguments(
         output_dir=eval_args.output_dir, per_device_eval_batch_size=eval_args.per_device_eval_batch_size, report_to="none",
         dft_alpha=eval_args.dft_alpha, seed=eval_args.seed, disable_tqdm=True,
     )
-    transformers.logging.set_verbosity_warning()  # the table is the output, not the loading chatter
     tokenizer, setup = load_eval_tokenizer(model_args, eval_args)
     # Bad files stop the run before the model loads.
     kwargs = template_kwargs(eval_args)
@@ -117,7 +119,10 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args:
         data_args = DataArguments(data_files=eval_args.eval_data_files, max_length=eval_args.max_length,
                                   chat_template_kwargs=eval_args.chat_template_kwargs)
         # The files are read as training files would be; that dataset is what gets scored.
-        eval_dataset, _, _ = build_datasets(data_args, tokenizer, training_args)
+        try:
+            eval_dataset, _, _ = build_datasets(data_args, tokenizer, training_args)
+        except DataError as err:  # read as --data_files, given here as --eval_data_files: name the flag used
+            raise DataError(str(err).replace("--data_files", "--eval_data_files")) from None
     model = load_eval_model(model_args, eval_args, training_args, tokenizer, setup)
     trainer = DFTTrainer(
         model=model, args=training_args, eval_dataset=eval_dataset, processing_class=tokenizer,

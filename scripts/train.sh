@@ -9,7 +9,7 @@
 #   MODEL [assets/tiny-qwen2]  DATA_FILES [data/sample/*]  OUTPUT_DIR [outputs/dft-<timestamp>]
 #   LOG_DIR [OUTPUT_DIR/logs]  NUM_GPUS [all visible]  NUM_PROCS [1: CPU processes when NUM_GPUS is 0]
 #   DS_CONFIG [ds_config/zero3.json on GPUs; on CPU only when set]  NNODES [1]  HOSTFILE
-#   MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]  DFT_ALPHA [unset: the --loss_type's own]  PYTHON [python]
+#   MASTER_ADDR [127.0.0.1]  MASTER_PORT [a free port; 29500 with NNODES > 1]  DFT_ALPHA [unset: the --loss_type's own]  PYTHON [python]
 #   DRY_RUN [0; 1 prints the command and exits]
 #
 # Launchers: GPUs -> `deepspeed --num_gpus NUM_GPUS` (with --hostfile for NNODES > 1) and DS_CONFIG;
@@ -29,10 +29,15 @@ CPU_DS_CONFIG="${DS_CONFIG:-}"
 DS_CONFIG="${DS_CONFIG:-ds_config/zero3.json}"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
 NUM_PROCS="${NUM_PROCS:-1}"
 DFT_ALPHA="${DFT_ALPHA:-}"
 PYTHON="${PYTHON:-python}"
+if [ -z "${MASTER_PORT:-}" ] && [ "$NNODES" = 1 ]; then
+  # One machine: a free port, so that two runs at once (compare.py --parallel, two jobs on one 8-GPU node)
+  # do not both try 29500 (EADDRINUSE). Several nodes must agree on it: 29500 unless set.
+  MASTER_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 29500)"
+fi
+MASTER_PORT="${MASTER_PORT:-29500}"
 DRY_RUN="${DRY_RUN:-0}"
 # DeepSpeed compiles its CPU ops once; keep them across runs.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
@@ -58,10 +63,16 @@ if [ -n "$DFT_ALPHA" ]; then ARGS+=(--dft_alpha "$DFT_ALPHA"); fi
 if [ "$MODEL" = "assets/tiny-qwen2" ]; then
   # Demo settings for the tiny model; any of them can be overridden by extra arguments.
   ARGS+=(--num_train_epochs 3 --per_device_train_batch_size 8 --learning_rate 2e-3 --lr_scheduler_type cosine
-         --warmup_ratio 0.05 --logging_steps 10 --save_strategy no --report_to none --max_length 512
+         --warmup_ratio 0.05 --logging_steps 10 --report_to none --max_length 512
          --validation_split_percentage 10 --eval_strategy epoch
          --eval_generation_files data/sample_eval/questions.jsonl --eval_answer_match contains
          --eval_generation_max_new_tokens 24 --eval_on_start True)
+  # No checkpoints in the demo, unless asked for: a --save_steps of the user's would otherwise be ignored
+  # (transformers only saves every --save_steps under --save_strategy steps).
+  case " $* " in
+    *" --save_strategy "* | *" --save_strategy="* | *" --save_steps "* | *" --save_steps="*) ;;
+    *) ARGS+=(--save_strategy no) ;;
+  esac
 fi
 # Without a terminal (nohup, pipes) keep progress to log lines instead of redrawn bars.
 if [ ! -t 1 ]; then ARGS+=(--disable_tqdm True); fi
@@ -89,7 +100,12 @@ if [ "$DRY_RUN" != 0 ]; then
   exit 0
 fi
 
-mkdir -p "$OUTPUT_DIR" "$LOG_DIR"
+for dir in "OUTPUT_DIR:$OUTPUT_DIR" "LOG_DIR:$LOG_DIR"; do
+  if ! why="$(mkdir -p -- "${dir#*:}" 2>&1)"; then
+    echo "error: ${dir%%:*} ${dir#*:}: cannot create it (${why##*: }); choose another directory" >&2
+    exit 2
+  fi
+done
 LOG_FILE="$(cd "$LOG_DIR" && pwd)/train-$STAMP.log"
 echo "log file: $LOG_FILE"
 echo "command: ${CMD[*]}" >> "$LOG_FILE"
@@ -105,7 +121,8 @@ set -m
 "${CMD[@]}" > >(trap '' TERM INT; exec tee -a "$LOG_FILE") 2>&1 < /dev/null &
 CHILD=$!
 set +m
-trap 'echo "train.sh: stopping (SIGTERM to process group $CHILD)" | tee -a "$LOG_FILE"; kill -TERM -- "-$CHILD" 2>/dev/null' TERM INT
+STOPPING=0
+trap 'STOPPING=1; echo "train.sh: stopping (SIGTERM to process group $CHILD)" | tee -a "$LOG_FILE"; kill -TERM -- "-$CHILD" 2>/dev/null' TERM INT
 wait "$CHILD"
 STATUS=$?
 while kill -0 "$CHILD" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
@@ -114,5 +131,11 @@ while kill -0 "$CHILD" 2>/dev/null; do  # `wait` returns early when a trapped si
 done
 while kill -0 -- "-$CHILD" 2>/dev/null; do sleep 1; done  # workers still saving after their launcher left
 set -e
+# torchrun answers the signal with a SignalException traceback and status 1 even when every rank stopped
+# as asked (checkpoint saved): report what the ranks did, with the status of a stop (143).
+if [ "$STOPPING" = 1 ] && [ "$STATUS" != 0 ] && STOP_LINE="$(grep -m1 -o 'stopped by SIGTERM at step .*' "$LOG_FILE")"; then
+  echo "train.sh: the run $STOP_LINE" | tee -a "$LOG_FILE"
+  STATUS=143
+fi
 echo "exit status $STATUS; log file: $LOG_FILE" | tee -a "$LOG_FILE"
 exit "$STATUS"

@@ -164,6 +164,49 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
     resume_to_the_end(args, out)
 
 
+@pytest.mark.distributed
+def test_sigterm_to_train_sh_under_torchrun_reports_the_stop_with_status_143(tmp_path):
+    """torchrun answers SIGTERM with a SignalException traceback and status 1 although both ranks stopped
+    as asked with a checkpoint: a scheduler or compare.py read that as a crash. train.sh now says what the
+    ranks did and exits 143, as with the other launchers."""
+    from dist_helpers import free_port
+
+    out = tmp_path / "run"
+    args = run_args(write_small_data(tmp_path, 40), out, save_steps=1000)
+    args[args.index("--max_steps") + 1] = "100000"  # stopped long before the end
+    log = tmp_path / "torchrun.log"
+    env = child_env()
+    env.update(MODEL=args[1], DATA_FILES=args[3], OUTPUT_DIR=args[5], NUM_GPUS="0", NUM_PROCS="2", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen(["nohup", "bash", "scripts/train.sh", *args[6:]], cwd=ROOT, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_for(lambda: "dft: step 3/" in log.read_text(errors="replace"), proc, log, interval=0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-4000:]
+    text = log.read_text()
+    stopped_at = int(text.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    checkpoint = out / f"checkpoint-{stopped_at}"
+    assert f"train.sh: the run stopped by SIGTERM at step {stopped_at}; {checkpoint} saved" in text
+    assert text.rstrip().splitlines()[-1].startswith("exit status 143; log file: ")
+    assert latest_complete_checkpoint(str(out)) == str(checkpoint)
+
+
+def test_sigterm_without_checkpoints_says_a_rerun_starts_again(tmp_path):
+    """--save_strategy no: the stop used to say "continue with --resume_from_checkpoint latest", which then
+    started from step 0 without a word."""
+    out = tmp_path / "run"
+    args = run_args(write_small_data(tmp_path, 40), out, save_steps=1000) + ["--save_strategy", "no"]
+    args[args.index("--max_steps") + 1] = "100000"
+    log = tmp_path / "nosave.log"
+    proc = start(args, log)
+    wait_for(lambda: "dft: step 2/" in log.read_text(errors="replace"), proc, log, interval=0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    text = log.read_text()
+    assert "no checkpoint saved (--save_strategy no): a rerun starts again from step 0" in text
+    assert "continue with --resume_from_checkpoint latest" not in text
+    assert list_checkpoints(str(out)) == []
+
+
 @pytest.mark.integration
 def test_sigkill_mid_save_never_resumes_from_the_half_written_checkpoint(tmp_path):
     out = tmp_path / "run"

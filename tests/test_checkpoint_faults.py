@@ -117,6 +117,13 @@ def test_checking_checkpoints_by_hand(tmp_path, capsys):
     assert lines[1].startswith(f"{tmp_path / 'checkpoint-10'}: DAMAGED, {tmp_path / 'checkpoint-10' / 'trainer_state.json'} is damaged")
     assert lines[2].startswith(f"{tmp_path / 'checkpoint-12'}: incomplete")
     assert checkpoint_manifest.main([str(tmp_path / "checkpoint-2")]) == 0
+    capsys.readouterr()
+    # A path that is not there was a FileNotFoundError traceback; a folder without checkpoints printed nothing.
+    (tmp_path / "empty").mkdir()
+    assert checkpoint_manifest.main([str(tmp_path / "nope"), str(tmp_path / "empty")]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: {tmp_path / 'nope'}: no such directory; give a run's --output_dir or one of its checkpoint-N directories\n"
+    assert out == f"{tmp_path / 'empty'}: no checkpoint-N directories\n"
 
 
 # ---- unit: output directories ---------------------------------------------------------------------------
@@ -129,6 +136,34 @@ def test_output_dir_that_is_a_file(tmp_path):
         check_output_dir("--logging_dir", str(a_file / "logs"))
     check_output_dir("--output_dir", str(tmp_path / "new" / "dir"))
     assert (tmp_path / "new" / "dir").is_dir() and not list((tmp_path / "new" / "dir").iterdir())
+
+
+def test_resume_settings_compare_loss_and_number_of_processes(tmp_path):
+    """A checkpoint of 2 processes resumed by 1 (the data order and effective batch change) is named too."""
+    import torch
+
+    from arguments import DFTTrainingArguments
+    from checkpoints import changed_resume_settings
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    saved = DFTTrainingArguments(output_dir=str(tmp_path), loss_type="dft", report_to="none")
+    torch.save(saved, checkpoint / "training_args.bin")
+    for rank in (0, 1):
+        (checkpoint / f"rng_state_{rank}.pth").write_bytes(b"")
+    now = DFTTrainingArguments(output_dir=str(tmp_path), loss_type="dft", report_to="none")
+    assert changed_resume_settings(str(checkpoint), now) == ["processes: now 1, checkpoint 2"]
+    now = DFTTrainingArguments(output_dir=str(tmp_path), loss_type="asft", anchor_kl_coef=0.1, report_to="none")
+    assert changed_resume_settings(str(checkpoint), now)[:2] == ["--loss_type: now asft, checkpoint dft", "--anchor_kl_coef: now 0.1, checkpoint None"]
+    (checkpoint / "training_args.bin").write_bytes(b"not a pickle")  # unreadable: nothing to compare but the ranks
+    assert changed_resume_settings(str(checkpoint), now) == ["processes: now 1, checkpoint 2"]
+
+
+def test_output_dir_that_cannot_be_created_does_not_advise_freeing_space():
+    """Was `--output_dir /proc/x: No such file or directory; free space or choose another directory`."""
+    with pytest.raises(CheckpointError) as raised:
+        check_output_dir("--output_dir", "/proc/dft-trainer-test/run")
+    assert str(raised.value) == "--output_dir /proc/dft-trainer-test/run: cannot be created (No such file or directory); choose another directory"
 
 
 # ---- integration: real runs -----------------------------------------------------------------------------
@@ -179,8 +214,24 @@ def test_latest_resumes_from_the_newest_intact_checkpoint_from_a_real_run(uninte
     log = capsys.readouterr().err  # train_dft's own log handlers replace caplog's
     assert f"WARNING [rank 0/1] checkpoints: skipping checkpoint {out / 'checkpoint-3'}: {damaged} is damaged" in log
     assert f"resuming from {out / 'checkpoint-2'}" in log
+    assert "differ from the run that wrote it" not in log  # the same flags: no warning
     assert step_losses(out / "checkpoint-3") == pytest.approx(step_losses(source / "checkpoint-3"), rel=1e-6)
     assert verify_checkpoint(str(out / "checkpoint-3")) is None  # written again, intact
+
+
+@pytest.mark.integration
+def test_resuming_with_another_loss_names_the_changed_flags(uninterrupted, tmp_path, capsys):
+    """A resume with --loss_type sft of a DFT run's checkpoint went on without a word: one run, two losses."""
+    import train_dft
+
+    data_file, source = uninterrupted
+    out = tmp_path / "run"
+    shutil.copytree(source / "checkpoint-2", out / "checkpoint-2")
+    train_dft.main(run_args(data_file, out) + ["--resume_from_checkpoint", "latest", "--loss_type", "sft", "--seed", "8"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "differ from the run that wrote it" in line]
+    assert len(warnings) == 1
+    assert (f"WARNING [rank 0/1] checkpoints: resuming {out / 'checkpoint-2'} with settings that differ from the run that "
+            "wrote it (--loss_type: now sft, checkpoint dft; --dft_alpha: now 0.0, checkpoint 1.0; --seed: now 8, checkpoint 7)") in warnings[0]
 
 
 @pytest.mark.integration

@@ -137,6 +137,11 @@ def test_run_commands_for_each_launcher(tmp_path):
     (tmp_path / "run" / "checkpoint-4").mkdir(parents=True)  # a run stopped after a checkpoint continues from it
     command, _ = eval_compare.run_command(spec, [], "torchrun --nproc_per_node 2", "m")
     assert command[:3] == ["torchrun", "--nproc_per_node", "2"] and command[-2:] == ["--resume_from_checkpoint", "latest"]
+    # The deepspeed runner's port is always 29500 unless given: runs at once (--parallel) would collide.
+    command, _ = eval_compare.run_command(spec, [], "deepspeed --num_gpus 2", "m")
+    assert command[:4] == ["deepspeed", "--num_gpus", "2", "--master_port"] and int(command[4]) != 29500
+    command, _ = eval_compare.run_command(spec, [], "deepspeed --num_gpus 2 --master_port 29600", "m")
+    assert command.count("--master_port") == 1 and command[4] == "29600"
 
 
 # ---- integration: real runs ---------------------------------------------------------------------------------
@@ -187,8 +192,101 @@ def test_train_sh_launch_of_an_sft_variant_parses(tmp_path):
                              capture_output=True, text=True, check=True).stdout
     argv = shlex.split(printed)[2:]  # after `python train_dft.py`
     assert "--dft_alpha" not in argv
+    # Not train.sh's demo settings for the bundled model: the same run as with --launcher python.
+    assert argv == ["--model_name_or_path", os.path.join(ROOT, "assets", "tiny-qwen2"), "--data_files", "data/sample/chat_en.jsonl",
+                    "data/sample/chat_zh.json", "--output_dir", spec.output_dir, "--logging_dir", os.path.join(spec.output_dir, "logs"),
+                    "--disable_tqdm", "True", *command[2:]]  # (no terminal)
     training_args = train_dft.parse_args(argv)[2]
     assert (training_args.loss_type, training_args.dft_alpha) == ("sft", 0.0)
     printed = subprocess.run(command, cwd=ROOT, env={**child_env(), **env, "DRY_RUN": "1", "NUM_GPUS": "0", "DFT_ALPHA": "0.5"},
                              capture_output=True, text=True, check=True).stdout
     assert "--dft_alpha 0.5" in printed
+
+
+def test_launches_hold_the_sweep_lock_and_get_the_stop(tmp_path):
+    """A launch holds the sweep's lock as long as it lives (a rerun after compare.py was SIGKILLed must not
+    start a second process on the same run), and a stop reaches its whole process group."""
+    import signal
+    import threading
+
+    fd = eval_compare.lock_sweep(str(tmp_path))
+    with pytest.raises(SweepError, match="still running there"):
+        eval_compare.lock_sweep(str(tmp_path))  # a second compare.py on the same root
+    launches = eval_compare.Launches()
+    launches.inherited_fds = (fd,)
+    # The launcher starts a worker of its own and dies on SIGTERM at once, as the deepspeed runner does; its
+    # worker gets the stop too, and saves (here: writes a file after a while) before it exits.
+    saved, ready = tmp_path / "saved", tmp_path / "ready"
+    worker = (f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), open({str(saved)!r}, 'w').close(), "
+              f"sys.exit(143))); open({str(ready)!r}, 'w').close(); time.sleep(60)")
+    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+    codes = []
+    with open(tmp_path / "log", "w") as log:
+        thread = threading.Thread(target=lambda: codes.append(launches.run([sys.executable, "-c", script], {}, log, str(tmp_path))))
+        thread.start()
+        while not ready.is_file():
+            threading.Event().wait(0.05)
+        os.close(fd)  # compare.py gone (SIGKILL): the launch still holds the lock
+        group = next(iter(launches._running))
+        with pytest.raises(SweepError, match=f"still running there .*held by pid {group}\\b.*`kill {group}`"):
+            eval_compare.lock_sweep(str(tmp_path))
+        launches.stop(signal.SIGTERM)
+        thread.join(30)
+    assert codes == [-signal.SIGTERM]
+    assert saved.is_file()  # run() returned only once the worker had finished its save
+    for _ in range(100):  # the worker too (same process group)
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        threading.Event().wait(0.05)
+    else:
+        pytest.fail("a process of the stopped launch is still running")
+    os.close(eval_compare.lock_sweep(str(tmp_path)))  # free again
+    assert launches.run([sys.executable, "-c", "pass"], {}, None, str(tmp_path)) is None  # nothing starts after a stop
+
+
+@pytest.mark.integration
+def test_sigterm_to_compare_stops_the_run_with_a_checkpoint_and_a_rerun_resumes_it(tmp_path, tiny_model_dir):
+    """`kill <pid of compare.py>` used to leave the training run going on its own (an orphan still writing
+    the run's folder) and no table; now the run saves a checkpoint and stops, and the same command resumes it."""
+    import re
+    import signal
+    import time
+
+    data = write_small_data(tmp_path, 16)
+    out = tmp_path / "sweep"
+    command = [
+        sys.executable, os.path.join(ROOT, "scripts", "compare.py"), "--model_name_or_path", tiny_model_dir,
+        "--output_dir", str(out), "--variants", "sft", "--seeds", "1", "--no_base_eval",
+        "--data_files", data, "--max_steps", "400", "--per_device_train_batch_size", "2", "--max_length", "64",
+        "--logging_steps", "1", "--save_steps", "10000", "--report_to", "none", "--disable_tqdm", "True",
+        "--data_cache_dir", "none",
+    ]
+    sweep = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train_log = out / "sft-seed0" / "logs" / "train.log"
+    deadline = time.time() + 300
+    while not (train_log.is_file() and re.search(r"step [2-9]\d*/400", train_log.read_text())):
+        assert sweep.poll() is None and time.time() < deadline, sweep.communicate()
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGTERM)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 128 + signal.SIGTERM, stdout + stderr
+    assert "stopped by SIGTERM" in stderr and "STOPPED sft seed 0: stopped by SIGTERM" in stdout
+    checkpoints = [p for p in (out / "sft-seed0").iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").is_file()  # saved by the stop
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < 400
+    os.close(eval_compare.lock_sweep(str(out)))  # no process of the run is left holding the sweep
+    first_session = json.loads((out / "sft-seed0" / "compare_run.json").read_text())["seconds"]
+
+    again = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "--resume_from_checkpoint latest" in again.stdout
+    state = json.loads((out / "sft-seed0" / "trainer_state.json").read_text())
+    assert state["global_step"] == 400
+    assert [h["step"] for h in state["log_history"] if "loss" in h][0] == 1  # the resumed history kept the steps before the stop
+    # The run's wall time is both sessions (was the resumed session's alone).
+    sessions = json.loads((out / "sft-seed0" / "compare_run.json").read_text())["sessions"]
+    assert len(sessions) == 2 and sessions[0] == first_session
+    assert json.loads((out / "compare.json").read_text())["runs"][0]["wall_seconds"] == pytest.approx(sum(sessions), abs=0.11)

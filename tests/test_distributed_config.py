@@ -30,7 +30,7 @@ def test_ds_config_leaves_the_numbers_to_the_command_line(name):
 
 
 def dry_run(env: dict[str, str], *extra: str) -> str:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE", "PYTHON")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE", "PYTHON", "MASTER_PORT")}
     full_env.update(DRY_RUN="1", OUTPUT_DIR="out", **env)
     result = subprocess.run(["bash", "scripts/train.sh", *extra], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -38,7 +38,7 @@ def dry_run(env: dict[str, str], *extra: str) -> str:
 
 
 def test_train_sh_gpu_commands():
-    one = dry_run({"NUM_GPUS": "1", "MODEL": "/models/m"}, "--num_train_epochs", "2")
+    one = dry_run({"NUM_GPUS": "1", "MODEL": "/models/m", "MASTER_PORT": "29500"}, "--num_train_epochs", "2")
     assert one.startswith("deepspeed --num_gpus 1 --master_port 29500 train_dft.py --model_name_or_path /models/m")
     assert one.endswith("--deepspeed ds_config/zero3.json --bf16 True --num_train_epochs 2")
     eight = dry_run({"NUM_GPUS": "8", "MODEL": "/models/m", "DS_CONFIG": "ds_config/zero3_offload.json"})
@@ -61,6 +61,27 @@ def test_train_sh_cpu_commands():
     assert "--use_cpu True" in ddp and "--deepspeed" not in ddp
     zero3 = dry_run({"NUM_GPUS": "0", "NUM_PROCS": "2", "DS_CONFIG": "ds_config/zero3.json"})
     assert zero3.startswith("deepspeed --num_gpus 2 ") and zero3.endswith("--deepspeed ds_config/zero3.json --use_cpu True")
+
+
+def test_train_sh_demo_saves_checkpoints_when_asked():
+    """The demo's `--save_strategy no` used to win over a user's `--save_steps 500` (transformers only
+    saves every --save_steps under --save_strategy steps): an unattended demo-model run kept nothing."""
+    assert "--save_strategy no" in dry_run({"NUM_GPUS": "0"})
+    for asked in (["--save_steps", "50"], ["--save_steps=50"], ["--save_strategy", "epoch"]):
+        command = dry_run({"NUM_GPUS": "0"}, *asked)
+        assert "--save_strategy no" not in command and command.endswith(" ".join(asked))
+
+
+@pytest.mark.parametrize("variable", ["OUTPUT_DIR", "LOG_DIR"])
+def test_train_sh_unusable_output_dir_is_one_line_and_exit_2(tmp_path, variable):
+    """A file where the folder should be: one line naming the variable, exit 2 (was two `mkdir:` lines, exit 1)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "LOG_DIR")}
+    env.update({"NUM_GPUS": "0", "OUTPUT_DIR": str(tmp_path / "out"), variable: str(a_file / "sub")})
+    result = subprocess.run(["bash", "scripts/train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == f"error: {variable} {a_file / 'sub'}: cannot create it (Not a directory); choose another directory"
 
 
 def test_deepspeed_requested(tmp_path):
@@ -123,3 +144,15 @@ def test_exit_codes_follow_sys_exit(capsys):
 
     assert [_exit_code(None), _exit_code(0), _exit_code(2), _exit_code(143)] == [0, 0, 2, 143]
     assert _exit_code("error: bad flag") == 1 and capsys.readouterr().err == "error: bad flag\n"
+
+
+def test_train_sh_picks_a_free_master_port_on_one_machine():
+    """Two single-machine runs at once (compare.py --parallel 2 --launcher train.sh) both used port 29500:
+    the second died with EADDRINUSE. Several nodes must agree on the port: 29500 unless set."""
+    import re
+
+    ports = [int(re.search(r"--master_port (\d+)", dry_run({"NUM_GPUS": "0", "NUM_PROCS": "2"})).group(1)) for _ in range(2)]
+    assert all(port != 29500 and 1024 <= port < 65536 for port in ports)
+    assert "--master_port 29511 " in dry_run({"NUM_GPUS": "0", "NUM_PROCS": "2", "MASTER_PORT": "29511"})
+    nodes = dry_run({"NUM_GPUS": "8", "NNODES": "2", "HOSTFILE": "hosts", "MODEL": "/models/m"})
+    assert "--master_port 29500 " in nodes

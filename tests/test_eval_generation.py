@@ -311,3 +311,25 @@ def test_generation_prompts_with_a_system_turn_render_as_training_does_under_mis
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "answer": 4}) + "\n")
     with pytest.raises(GenerationFileError, match=rf"^{path}:1: the chat template cannot render this prompt \(Conversation roles must alternate"):
         GenerationEvaluator(GenerationEvalArguments(eval_generation_files=[str(path)]), tokenizer)
+
+
+@pytest.mark.parametrize("case", ["output_dir_is_a_file", "model_dir_without_a_model", "eval_data_file_missing"])
+def test_evaluate_py_bad_paths_are_one_line_naming_the_flag(tmp_path, tiny_model_dir, capsys, case):
+    """Were `[Errno 20] Not a directory: '.../logs'` (no flag named) and transformers' "Couldn't instantiate
+    the backend tokenizer" (a run's folder given before it finished, or a sweep's base/ folder)."""
+    evaluate = load_script("evaluate")
+    a_file, not_a_model = tmp_path / "a_file", tmp_path / "run"
+    a_file.write_text("x")
+    not_a_model.mkdir()
+    (not_a_model / "eval_results.json").write_text("{}")
+    model, output_dir, expected = {
+        "output_dir_is_a_file": (tiny_model_dir, a_file, f"error: --output_dir {a_file}: is a file, not a directory"),
+        "model_dir_without_a_model": (not_a_model, tmp_path / "ev", f"error: --model_name_or_path {not_a_model}: not a model directory"),
+        "eval_data_file_missing": (tiny_model_dir, tmp_path / "ev", f"error: {tmp_path / 'nope.jsonl'}: data file not found; check --eval_data_files"),
+    }[case]
+    extra = ["--eval_data_files", str(tmp_path / "nope.jsonl")] if case == "eval_data_file_missing" else []
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model_name_or_path", str(model), "--eval_generation_files", QUESTIONS, "--output_dir", str(output_dir), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err
