@@ -54,6 +54,11 @@ class EvaluateArguments:
         default=None, metadata={"help": "Conversation files (as --data_files takes) for the loss metrics; optional."}
     )
     max_length: int = field(default=2048, metadata={"help": "Tokens per conversation of --eval_data_files."})
+    chat_template: str = field(
+        default=None,
+        metadata={"help": "As for train_dft.py: a .jinja file or a built-in name (chatml) replacing the tokenizer's template; "
+                          "give the run's own to score a base model as that run's step 0."},
+    )
     chat_template_kwargs: str = field(
         default=None, metadata={"help": 'As for train_dft.py: JSON object of template variables (e.g. \'{"enable_thinking": false}\').'}
     )
@@ -77,7 +82,7 @@ def load_eval_tokenizer(model_args: ModelArguments, eval_args: EvaluateArguments
     if eval_args.adapter and os.path.isfile(os.path.join(eval_args.adapter, "tokenizer_config.json")):
         source = ModelArguments(model_name_or_path=eval_args.adapter, trust_remote_code=model_args.trust_remote_code)
     tokenizer = load_tokenizer(source)
-    return tokenizer, prepare_tokenizer(tokenizer, None)
+    return tokenizer, prepare_tokenizer(tokenizer, eval_args)  # --chat_template and its kwargs, as training reads them
 
 
 def load_eval_model(model_args: ModelArguments, eval_args: EvaluateArguments, training_args, tokenizer, setup: TokenizerSetup):

@@ -333,3 +333,20 @@ def test_evaluate_py_bad_paths_are_one_line_naming_the_flag(tmp_path, tiny_model
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(expected), err
+
+
+def test_evaluate_py_takes_the_runs_chat_template(tmp_path, tiny_model_dir, prompts_file, capsys):
+    """A run trained with --chat_template F: its base model is scored as the run's step 0 only with the same
+    template (evaluate.py had no such flag and scored the tokenizer's own template)."""
+    from conftest import TEMPLATES
+
+    evaluate = load_script("evaluate")
+    template = TEMPLATES / "llama3_2_instruct.jinja"
+    results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--eval_generation_files", prompts_file,
+                             "--eval_generation_max_new_tokens", "4", "--output_dir", str(tmp_path / "ev"),
+                             "--chat_template", str(template)])
+    err = capsys.readouterr().err
+    assert f"chat template: {template} (--chat_template)" in err
+    # The Llama-3 template's control tokens, missing from the tiny Qwen tokenizer, are added as in training.
+    assert f"the --chat_template {template} template writes" in err and "<|eot_id|>" in err
+    assert results["metrics"]["eval_gen_mean_tokens"] > 0
