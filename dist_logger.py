@@ -174,6 +174,9 @@ class LogMetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             shown = {k: v for k, v in logs.items() if k != "total_flos"}
+            if not state.max_steps:  # evaluation without training (scripts/evaluate.py): no step, no epoch
+                logger.info("metrics: %s", format_metrics({k: v for k, v in shown.items() if k != "epoch"}))
+                return control
             line = f"step {state.global_step}/{state.max_steps}: {format_metrics(shown)}"
             if self.started is not None:
                 elapsed = time.time() - self.started

@@ -350,3 +350,5 @@ def test_evaluate_py_takes_the_runs_chat_template(tmp_path, tiny_model_dir, prom
     # The Llama-3 template's control tokens, missing from the tiny Qwen tokenizer, are added as in training.
     assert f"the --chat_template {template} template writes" in err and "<|eot_id|>" in err
     assert results["metrics"]["eval_gen_mean_tokens"] > 0
+    # No training: the metrics line has no "step 0/0: epoch 0".
+    assert "dft: metrics: eval_gen_accuracy" in err and "step 0/0" not in err
