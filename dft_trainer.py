@@ -237,3 +237,22 @@ class DFTTrainer(Trainer):
         else:
             self._stat_sums["eval"] = None  # no labels: nothing to report, nothing left for the next evaluate()
         return output
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """Resuming a model with tied embeddings warned "missing keys ['lm_head.weight']": the checkpoint stores a
+        tied weight once, and transformers lists the other name as missing although it is the same tensor.
+        Only tied copies are dropped from the list; a key that is really missing is still warned about."""
+        copies = tied_copies(self.model)
+        missing = [key for key in load_result.missing_keys if key not in copies]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+
+def tied_copies(model: torch.nn.Module) -> set[str]:
+    """Names under which a parameter already seen under another name appears again (tied weights)."""
+    seen: set[int] = set()
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            copies.add(name)
+        seen.add(id(param))
+    return copies

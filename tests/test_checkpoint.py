@@ -228,3 +228,24 @@ def test_sigkill_mid_save_never_resumes_from_the_half_written_checkpoint(tmp_pat
     assert latest is not None and latest != half_written
     resume_to_the_end(args, out)
     assert (out / f"checkpoint-{KILL_STEPS}" / COMPLETE_MARKER).exists()
+
+
+def test_loading_a_tied_model_warns_only_about_keys_really_missing(tmp_path, tiny_model_dir, monkeypatch):
+    """A checkpoint stores tied weights once; resuming warned "missing keys ['lm_head.weight']" for the tied copy
+    (every resume of a tied model). A key that is really missing is still named."""
+    import transformers.trainer
+    from transformers import AutoModelForCausalLM
+
+    from arguments import DFTTrainingArguments
+    from dft_trainer import DFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = DFTTrainer(model=model, args=DFTTrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    warnings = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    saved = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # as safetensors stores it
+    trainer._issue_warnings_after_load(model.load_state_dict(saved, strict=False))
+    assert warnings == []
+    del saved["model.norm.weight"]
+    trainer._issue_warnings_after_load(model.load_state_dict(saved, strict=False))
+    assert warnings == ["There were missing keys in the checkpoint model loaded: ['model.norm.weight']."]
