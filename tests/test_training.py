@@ -270,3 +270,16 @@ def test_run_summary_train_loss_is_token_weighted_over_the_run_like_the_logged_l
     one_window = run("one", "4")
     assert one_window["train_loss"] == pytest.approx(one_window["last_loss"], rel=1e-6)
     assert run("split", "3")["train_loss"] == pytest.approx(one_window["last_loss"], rel=1e-6)
+
+
+def test_default_logging_steps_log_a_short_run(tmp_path, tiny_model_dir, sample_files):
+    """Without --logging_steps a 20-step run logs its metrics at steps 10 and 20 (TRL's default); transformers'
+    500 left short runs and compare.py sweeps with empty training curves."""
+    out = tmp_path / "run"
+    train_dft.main([
+        "--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(out),
+        "--max_steps", "20", "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+        "--disable_tqdm", "True",
+    ])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "avg_p_correct" in e and "loss" in e] == [10, 20]
