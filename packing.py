@@ -27,7 +27,6 @@ the DFT loss and metrics, normalised by that count, are unchanged by packing.
 from __future__ import annotations
 
 import bisect
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,6 @@ import torch
 
 from dft_loss import IGNORE_INDEX
 
-logger = logging.getLogger(__name__)
 
 # Attention implementations that keep packed conversations apart given position_ids (see above).
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2")
@@ -238,10 +236,6 @@ def apply_packing(train_dataset, eval_dataset, max_length: int, attn_implementat
     train_dataset = pack_dataset(train_dataset, max_length, num_proc)
     if eval_dataset is not None:
         eval_dataset = pack_dataset(eval_dataset, max_length, num_proc)
-    stats = packing_stats(train_dataset, max_length)
-    logger.info(
-        "%d conversations packed into %d rows of at most %d tokens, efficiency %.1f%% (real tokens / rows x max_length)",
-        stats["conversations"], stats["rows"], max_length, 100 * stats["efficiency"],
-    )
+    stats = packing_stats(train_dataset, max_length)  # reported once, in the data report's "packing:" line
     collator = DataCollatorForPacking(pad_token_id=pad_token_id, flatten=attn_implementation in FLATTEN_ATTENTION)
     return train_dataset, eval_dataset, collator, stats

@@ -54,7 +54,7 @@ def test_one_step_over_the_same_conversations_is_the_same_packed_or_not(tiny_mod
     for key in ("loss", "avg_p_correct", "ce_loss", "token_accuracy", "grad_norm"):
         assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
     log = open(tmp_path / "packed" / "logs" / "train.log").read()
-    assert f"{CONVERSATIONS} conversations packed into" in log and "efficiency" in log
+    assert log.count(f"packing: {CONVERSATIONS} conversations in ") == 1 and "efficiency" in log  # once, in the data report
     report = json.load(open(tmp_path / "packed" / "data_report.json"))
     packing = report["packing"]
     assert packing["conversations"] == CONVERSATIONS and packing["max_length"] == 128
