@@ -9,33 +9,34 @@ See README.md for every flag; `bash scripts/train.sh` wraps this for CPU, one GP
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import HfArgumentParser, set_seed
 
-from arguments import DataArguments, DFTTrainingArguments, ModelArguments, resolve_torch_dtype
-from data_masking import template_kwargs
-from data_utils import DataCollatorForDFT, DataError, build_datasets, format_data_report, format_supervision, write_data_report
-from dft_trainer import DFTTrainer
-from checkpoints import (
-    EXIT_STOPPED_BY_SIGTERM, CheckpointError, add_checkpoint_callbacks, check_output_dirs, prepare_resume,
+from dftune.arguments import DataArguments, DFTTrainingArguments, ModelArguments
+from dftune.data.build import build_datasets, format_data_report, write_data_report
+from dftune.data.collators import DataCollatorForDFT
+from dftune.data.files import DataError
+from dftune.data.masking import format_supervision, template_kwargs
+from dftune.data.packing import apply_packing, check_model_for_packing, check_packing_attention
+from dftune.data.tokenizer import prepare_tokenizer
+from dftune.errors import EXIT_BAD_INPUT, UsageError
+from dftune.eval.generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
+from dftune.model.loading import load_model, load_tokenizer
+from dftune.model.lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_generation_config, save_merged_model
+from dftune.run.checkpoints import (
+    EXIT_STOPPED_BY_SIGTERM,
+    CheckpointError,
+    add_checkpoint_callbacks,
+    check_output_dirs,
+    prepare_resume,
     save_failures_as_errors,
 )
-from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
-from dist_logger import is_main_process, library_log_level, setup_logging, use_logging_for_metrics
-from distributed import log_zero3_partition, prepare_process_group, run_as_script
-from lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_generation_config, save_merged_model
-from packing import apply_packing, check_model_for_packing, check_packing_attention
-from tokenizer_setup import prepare_model, prepare_tokenizer
-from tracking import RunRecorder, build_run_config, configure_progress_bars
-
-EXIT_BAD_INPUT = 2
-
-
-class UsageError(Exception):
-    """A flag or path the user must fix; reported as one line with exit code 2."""
+from dftune.run.distributed import log_zero3_partition, prepare_process_group, run_as_script
+from dftune.run.logs import is_main_process, library_log_level, setup_logging, use_logging_for_metrics
+from dftune.run.records import RunRecorder, build_run_config, configure_progress_bars
+from dftune.trainer import DFTTrainer
 
 
 def parse_args(argv: list[str] | None = None):
@@ -51,39 +52,8 @@ def parse_args(argv: list[str] | None = None):
         raise UsageError(str(err).splitlines()[0]) from None
 
 
-MODEL_FILES = ("config.json", "adapter_config.json")  # a model folder, or a LoRA output (its base named inside)
-
-
-def load_tokenizer(model_args: ModelArguments):
-    path = model_args.model_name_or_path
-    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
-    local = os.path.expanduser(path)
-    if not hub_id and not os.path.isdir(local):
-        raise UsageError(f"--model_name_or_path {path}: no such model directory")
-    if os.path.isdir(local) and not any(os.path.isfile(os.path.join(local, name)) for name in MODEL_FILES):
-        # Else transformers fails on the tokenizer with "Couldn't instantiate the backend tokenizer".
-        raise UsageError(f"--model_name_or_path {path}: not a model directory (no {' or '.join(MODEL_FILES)}); "
-                         "give a model's folder, a run's output folder or one of its checkpoint-N folders")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    except OSError as err:
-        raise UsageError(f"--model_name_or_path {path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
-
-
-def load_model(model_args: ModelArguments, training_args: DFTTrainingArguments, tokenizer, setup):
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        dtype=resolve_torch_dtype(model_args, training_args),
-        attn_implementation=model_args.attn_implementation,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    prepare_model(model, tokenizer, setup)  # embeddings for added control tokens, pad id, stop id
-    model.config.use_cache = False  # no KV cache in training; gradient checkpointing warns otherwise
-    return model
-
-
 def check_packing(model_args: ModelArguments, model=None) -> None:
-    """--packing needs an attention kernel that keeps packed conversations apart (see packing.py)."""
+    """--packing needs an attention kernel that keeps packed conversations apart (see data/packing.py)."""
     try:
         check_packing_attention(model_args.attn_implementation)
         if model is not None:
@@ -168,7 +138,7 @@ def run(
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        prepare_process_group(argv)  # DeepSpeed on CPU: before TrainingArguments (see distributed.py)
+        prepare_process_group(argv)  # DeepSpeed on CPU: before TrainingArguments (see run/distributed.py)
         model_args, data_args, training_args, lora_args, gen_args = parse_args(argv)
         return run(model_args, data_args, training_args, lora_args, gen_args)
     except (UsageError, DataError, LoraConfigError, CheckpointError, GenerationFileError) as err:
@@ -176,5 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(EXIT_BAD_INPUT)
 
 
+def cli() -> None:
+    """The `dft-train` console script: `main()` with a launched rank's clean exit (see dftune/run/distributed.py)."""
+    run_as_script(main)
+
 if __name__ == "__main__":
-    run_as_script(main)  # a launched rank's clean exit (see distributed.py)
+    cli()

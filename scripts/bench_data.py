@@ -19,14 +19,15 @@ import json
 import os
 import random
 import resource
-import sys
 import tempfile
 import time
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_utils import ConversationTokenizer, build_datasets, ensure_chat_template, iter_records, normalize_record, resolve_data_files  # noqa: E402
+from dftune.data.build import build_datasets
+from dftune.data.files import iter_records, resolve_data_files
+from dftune.data.formats import normalize_record
+from dftune.data.masking import ConversationTokenizer
+from dftune.data.templates import ensure_chat_template
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = (

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -30,10 +29,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dft_loss import LossSpec, dft_loss_from_logits  # noqa: E402
-from dft_loss_chunked import dft_loss_from_hidden  # noqa: E402
+from dftune.loss.chunked import dft_loss_from_hidden
+from dftune.loss.core import LossSpec, dft_loss_from_logits
 
 SPECS = {"dft": LossSpec(), "asft": LossSpec(loss_type="asft", anchor_kl_coef=0.1), "eaft": LossSpec(loss_type="eaft")}
 

@@ -36,9 +36,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 SHAPES = {
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
@@ -106,7 +103,7 @@ def realistic_dataset(args, vocab_size: int):
     import torch
     from datasets import Dataset
 
-    from dft_loss import IGNORE_INDEX
+    from dftune.loss.core import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(args.seed + 1)
     rows = {"input_ids": [], "labels": [], "length": []}
@@ -124,7 +121,7 @@ def fixed_dataset(args, vocab_size: int, rows: int):
     import torch
     from datasets import Dataset
 
-    from dft_loss import IGNORE_INDEX
+    from dftune.loss.core import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(3, vocab_size, (rows, args.max_length), generator=generator).tolist()
@@ -242,10 +239,10 @@ def peak_rss_bytes() -> int:
 
 
 def build_dft_trainer(args, config_name, model, common, steps, clock, attn):
-    from arguments import DFTTrainingArguments
-    from data_utils import DataCollatorForDFT
-    from dft_trainer import DFTTrainer
-    from packing import DataCollatorForPacking, FLATTEN_ATTENTION, pack_dataset
+    from dftune.arguments import DFTTrainingArguments
+    from dftune.data.collators import DataCollatorForDFT
+    from dftune.data.packing import FLATTEN_ATTENTION, DataCollatorForPacking, pack_dataset
+    from dftune.trainer import DFTTrainer
 
     vocab_size = model.config.vocab_size
     batch_size = 1
@@ -310,7 +307,7 @@ def default_configs(args) -> list[str]:
 
 def data_summary(args) -> dict:
     """Length distribution and the packing efficiency of the realistic data, computed without a model."""
-    from packing import best_fit_decreasing
+    from dftune.data.packing import best_fit_decreasing
 
     lengths = sorted(conversation_lengths(args))
     rows = best_fit_decreasing(lengths, args.max_length)

@@ -2,7 +2,7 @@
 
     python scripts/experiment_small.py [--output_dir outputs/experiment_small] [--variants sft dft asft] [--seeds 3]
     python scripts/experiment_small.py --smoke        # the pipeline in well under a minute (tests run it)
-    bash scripts/experiment_small.sh                  # the same; also `python scripts/compare.py --preset small`
+    bash scripts/experiment_small.sh                  # the same; also `dft-compare --preset small`
 
 1. Task data (deterministic, `--data_seed`): word problems about people and things, solved as worked
    equations ("7 + 5 = 12. 12 - 3 = 9. The answer is 9."), every number in 0..20.
@@ -34,11 +34,8 @@ import time
 import zlib
 from dataclasses import dataclass, replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from eval_compare import SweepConfig, parse_variants, run_sweep  # noqa: E402
-from eval_compare_results import format_table  # noqa: E402
+from dftune.sweep.compare import SweepConfig, parse_variants, run_sweep
+from dftune.sweep.results import format_table
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ines", "Jon", "Kim", "Leo"]
 ITEMS = ["apples", "books", "coins", "shells", "stamps", "marbles", "pens", "cards", "eggs", "stones"]
@@ -204,9 +201,8 @@ def write_task(splits: dict[str, list[dict]], data_dir: str) -> dict[str, str]:
 def build_base_model(preset: Preset, corpus: list[dict], out_dir: str, seed: int = 0) -> float:
     """Tokenizer + small Qwen2 pre-trained from scratch on the corpus (every token, plain CE). Returns seconds."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     from make_tiny_model import build_tokenizer, pretrain
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     started = time.time()
     torch.manual_seed(seed)
@@ -265,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (smoke: 1)")
     parser.add_argument("--max_steps", type=int, default=None, help="fine-tuning steps per run (default 150)")
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the generated task data")
-    parser.add_argument("--launcher", default="python", help="as in scripts/compare.py")
+    parser.add_argument("--launcher", default="python", help="as in dft-compare")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (default 2: one per core of a 2-core CPU)")
     args = parser.parse_args(argv)
     preset = SMOKE if args.smoke else FULL

@@ -18,13 +18,10 @@ import glob
 import json
 import math
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_utils import CHATML_TEMPLATE  # noqa: E402
+from dftune.data.templates import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -34,7 +31,7 @@ def read_corpus(data_dir: str) -> list[list[dict]]:
     for path in sorted(glob.glob(os.path.join(data_dir, "*.json*"))):
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
         conversations += [[{"role": m["role"], "content": m["content"]} for m in r["messages"]] for r in records]
     if not conversations:
         raise SystemExit(f"error: no *.json/*.jsonl files in {data_dir}; run scripts/make_sample_data.py first")

@@ -10,12 +10,9 @@ Exit code 2 with one line when a RUN_DIR holds no trainer_state.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from run_plots import load_run_curves, plot_runs  # noqa: E402
+from dftune.run.plots import load_run_curves, plot_runs
 
 
 def main(argv: list[str] | None = None) -> str:

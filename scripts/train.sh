@@ -58,7 +58,7 @@ ARGS=(
   --output_dir "$OUTPUT_DIR"
   --logging_dir "$LOG_DIR"
 )
-# Only when set: --loss_type sft (e.g. from scripts/compare.py) refuses an explicit --dft_alpha.
+# Only when set: --loss_type sft (e.g. from dft-compare) refuses an explicit --dft_alpha.
 if [ -n "$DFT_ALPHA" ]; then ARGS+=(--dft_alpha "$DFT_ALPHA"); fi
 if [ "$MODEL" = "assets/tiny-qwen2" ]; then
   # Demo settings for the tiny model; any of them can be overridden by extra arguments.

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from helpers import FIXTURES, SAMPLE_FILES, TINY_MODEL, write_small_data
+
 # Tiny models gain nothing from several threads, and on a 2-core machine running 2-process tests,
 # OpenMP threads of several processes oversubscribe the cores and slow everything down many times.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,8 +26,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torc
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
-SAMPLE_FILES = [str(ROOT / "data" / "sample" / "chat_en.jsonl"), str(ROOT / "data" / "sample" / "chat_zh.json")]
 
 
 BUILD_DEEPSPEED_CPU_OP = """
@@ -64,8 +62,6 @@ def workdir(tmp_path_factory, request) -> Path:
 @pytest.fixture(scope="module")
 def data_file(workdir) -> str:
     """The first 16 sample conversations as one JSONL file in `workdir`."""
-    from dist_helpers import write_small_data
-
     return write_small_data(workdir)
 
 
@@ -86,10 +82,6 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def sample_files() -> list[str]:
     return list(SAMPLE_FILES)
-
-
-FIXTURES = ROOT / "tests" / "fixtures"
-TEMPLATES = FIXTURES / "templates"
 
 
 @pytest.fixture(scope="session")
@@ -123,19 +115,3 @@ def real_tokenizer(_real_tokenizers):
     import copy
 
     return lambda name: copy.deepcopy(_real_tokenizers[name])
-
-
-def tiny_model_for(tokenizer_dir: str, out_dir: str, tie: bool) -> str:
-    """A random-init 2-layer Llama of the tokenizer's vocabulary next to a copy of the tokenizer (for train_dft)."""
-    import shutil
-
-    import transformers
-
-    shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie,
-                                      eos_token_id=tokenizer.eos_token_id)
-    transformers.LlamaForCausalLM(config).save_pretrained(out_dir)
-    return out_dir

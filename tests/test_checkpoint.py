@@ -16,11 +16,19 @@ from types import SimpleNamespace
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from checkpoints import (
-    COMPLETE_MARKER, CheckpointError, CheckpointMarkerCallback, GracefulStopCallback, latest_complete_checkpoint,
-    list_checkpoints, remove_checkpoints_after, resolve_resume_checkpoint, write_marker,
+from dftune.run.checkpoints import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    CheckpointMarkerCallback,
+    GracefulStopCallback,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    remove_checkpoints_after,
+    resolve_resume_checkpoint,
+    write_marker,
 )
-from dist_helpers import ROOT, SGD_ARGS, child_env, write_small_data
+
+from helpers import ROOT, SGD_ARGS, child_env, write_small_data
 
 
 def make_checkpoint(output_dir: Path, step: int, complete: bool) -> Path:
@@ -132,8 +140,9 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 400,
 
 
 def resume_to_the_end(args: list[str], output_dir: Path) -> None:
-    import train_dft
     from transformers import AutoModelForCausalLM
+
+    import train_dft
 
     summary = train_dft.main(args + ["--resume_from_checkpoint", "latest"])
     assert summary["steps"] == KILL_STEPS
@@ -169,7 +178,7 @@ def test_sigterm_to_train_sh_under_torchrun_reports_the_stop_with_status_143(tmp
     """torchrun answers SIGTERM with a SignalException traceback and status 1 although both ranks stopped
     as asked with a checkpoint: a scheduler or compare.py read that as a crash. train.sh now says what the
     ranks did and exits 143, as with the other launchers."""
-    from dist_helpers import free_port
+    from helpers import free_port
 
     out = tmp_path / "run"
     args = run_args(write_small_data(tmp_path, 40), out, save_steps=1000)
@@ -236,8 +245,8 @@ def test_loading_a_tied_model_warns_only_about_keys_really_missing(tmp_path, tin
     import transformers.trainer
     from transformers import AutoModelForCausalLM
 
-    from arguments import DFTTrainingArguments
     from dft_trainer import DFTTrainer
+    from dftune.arguments import DFTTrainingArguments
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = DFTTrainer(model=model, args=DFTTrainingArguments(output_dir=str(tmp_path), report_to="none"))

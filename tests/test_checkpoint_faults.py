@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_manifest import COMPLETE_MARKER, file_owner, mark_complete, read_manifest, verify_checkpoint
-from checkpoints import CheckpointError, check_output_dir, prepare_resume, resolve_resume_checkpoint
-from dist_helpers import ROOT, SGD_ARGS, child_env, write_small_data
+from dftune.run.checkpoints import CheckpointError, check_output_dir, prepare_resume, resolve_resume_checkpoint
+from dftune.run.manifest import COMPLETE_MARKER, file_owner, mark_complete, read_manifest, verify_checkpoint
+
+from helpers import ROOT, SGD_ARGS, child_env, write_small_data
 
 STEPS = 3
 
@@ -106,7 +107,7 @@ def test_a_marker_without_manifest_still_counts_as_complete(tmp_path):
 
 
 def test_checking_checkpoints_by_hand(tmp_path, capsys):
-    import checkpoint_manifest
+    import dftune.run.manifest as checkpoint_manifest
 
     fake_checkpoint(tmp_path, 2)
     flip_a_byte(fake_checkpoint(tmp_path, 10) / "trainer_state.json")
@@ -142,8 +143,8 @@ def test_resume_settings_compare_loss_and_number_of_processes(tmp_path):
     """A checkpoint of 2 processes resumed by 1 (the data order and effective batch change) is named too."""
     import torch
 
-    from arguments import DFTTrainingArguments
-    from checkpoints import changed_resume_settings
+    from dftune.arguments import DFTTrainingArguments
+    from dftune.run.checkpoints import changed_resume_settings
 
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()

@@ -1,4 +1,4 @@
-"""scripts/compare.py and eval_compare.py: variants -> flags, the table's mean/std against a hand
+"""dft-compare and sweep/compare.py: variants -> flags, the table's mean/std against a hand
 computation, a real sweep on the tiny model where one variant fails and the other still runs, and a
 second invocation that resumes (the finished run is not redone)."""
 
@@ -12,15 +12,15 @@ import sys
 
 import pytest
 
-import eval_compare
-import eval_compare_results
-from dist_helpers import child_env, write_small_data
-from eval_compare import SweepError, Variant, exit_reason, parse_variant
-from eval_compare_results import RunResult, aggregate, mean_std, metrics_from_history
+import dftune.cli.compare as compare_cli
+import dftune.sweep.compare as eval_compare
+import dftune.sweep.results as eval_compare_results
+from dftune.sweep.compare import SweepError, Variant, exit_reason, parse_variant
+from dftune.sweep.results import RunResult, aggregate, mean_std, metrics_from_history
+
+from helpers import child_env, write_small_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import compare as compare_cli  # noqa: E402
 
 
 # ---- unit --------------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_sweep_failed_variant_reported_others_finish_and_resume_skips_finished(t
         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True", "--data_cache_dir", "none",
         "--no_base_eval", "--parallel", "2",
     ]
-    first = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"), *argv], cwd=ROOT,
+    first = subprocess.run([sys.executable, "-m", "dftune.cli.compare", *argv], cwd=ROOT,
                            env=child_env(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 1, first.stdout + first.stderr
     assert "FAILED dft_alpha=7 seed 0: exit 2: error: --dft_alpha must be in [0, 1]" in first.stdout
@@ -257,7 +257,7 @@ def test_sigterm_to_compare_stops_the_run_with_a_checkpoint_and_a_rerun_resumes_
     data = write_small_data(tmp_path, 16)
     out = tmp_path / "sweep"
     command = [
-        sys.executable, os.path.join(ROOT, "scripts", "compare.py"), "--model_name_or_path", tiny_model_dir,
+        sys.executable, "-m", "dftune.cli.compare", "--model_name_or_path", tiny_model_dir,
         "--output_dir", str(out), "--variants", "sft", "--seeds", "1", "--no_base_eval",
         "--data_files", data, "--max_steps", "400", "--per_device_train_batch_size", "2", "--max_length", "64",
         "--logging_steps", "1", "--save_steps", "10000", "--report_to", "none", "--disable_tqdm", "True",

@@ -19,7 +19,7 @@ WORKER = textwrap.dedent(
     import json, os, sys
     sys.path.insert(0, {root!r})
     from transformers import AutoTokenizer
-    from arguments import DataArguments, DFTTrainingArguments
+    from dftune.arguments import DataArguments, DFTTrainingArguments
     from data_utils import build_datasets
 
     rank = int(os.environ["RANK"])

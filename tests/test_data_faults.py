@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from arguments import DataArguments, DFTTrainingArguments
 from data_utils import DataError, build_datasets, check_data_file, iter_records
+from dftune.arguments import DataArguments, DFTTrainingArguments
 
 
 def chat(question: str, answer: str) -> dict:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from data_formats import FormatOptions, normalize_record, template_messages
+from dftune.data.formats import FormatOptions, normalize_record, template_messages
 
 
 def msg(role: str, content: str, **fields) -> dict:

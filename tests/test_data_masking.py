@@ -22,6 +22,8 @@ from data_utils import (
     tokenize_conversation,
 )
 
+from helpers import supervised_spans
+
 CHATML_GENERATION_TAGS = (
     "{% for message in messages %}{% if message['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
@@ -85,24 +87,11 @@ def _tokenizer(template: str, llama_tokens: bool = False):
 
 
 def _tiny_dir() -> str:
-    from conftest import TINY_MODEL
+    from helpers import TINY_MODEL
 
     return str(TINY_MODEL)
 
 
-def supervised_spans(tokenizer, input_ids: list[int], labels: list[int]) -> list[str]:
-    """Decoded text of each run of consecutive supervised tokens."""
-    spans, run = [], []
-    for token_id, label in zip(input_ids, labels):
-        if label != IGNORE_INDEX:
-            assert label == token_id
-            run.append(token_id)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    if run:
-        spans.append(tokenizer.decode(run))
-    return spans
 
 
 TEMPLATES = {

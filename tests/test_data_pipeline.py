@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from arguments import DataArguments, DFTTrainingArguments
 from data_utils import IGNORE_INDEX, TRUNCATED_TO_NOTHING, DataError, build_datasets, format_data_report
+from dftune.arguments import DataArguments, DFTTrainingArguments
 
 MAX_LENGTH = 64
 

@@ -12,19 +12,19 @@ import json
 
 import pytest
 
-from conftest import TEMPLATES
-from data_files import DataError
-from data_formats import normalize_record
-from data_masking import (
+from dftune.data.files import DataError
+from dftune.data.formats import normalize_record
+from dftune.data.masking import (
     HEADER_SPLIT,
     SYSTEM_FOLDED,
     TURN_EXAMPLES,
     ConversationTokenizer,
     MaskingOptions,
 )
-from dft_loss import IGNORE_INDEX
-from test_data_masking import supervised_spans
-from tokenizer_setup import prepare_tokenizer
+from dftune.data.tokenizer import prepare_tokenizer
+from dftune.loss.core import IGNORE_INDEX
+
+from helpers import TEMPLATES, supervised_spans
 
 R1_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 # template name -> (tokenizer, template file or None for the tokenizer's own / built-in, end-of-turn token, headers)
@@ -188,7 +188,7 @@ def test_reasoning_turns_under_a_generation_prompt_that_closes_the_think_block(r
     reasoning is generated without it. Before the fix a tool-call turn with reasoning (no content) dropped the
     whole record as "not verbatim" (31 of LLaMA-Factory's 50 reason_tool_use records), and an answer turn
     was trained after reasoning the model never sees at generation."""
-    from data_masking import REASONING_DROPPED
+    from dftune.data.masking import REASONING_DROPPED
 
     tokenizer = load(real_tokenizer, "qwen3", fresh=True)
     record = {"tools": TOOLS, "messages": [
@@ -215,7 +215,7 @@ def test_examples_of_a_kept_record_lost_to_truncation_are_counted(real_tokenizer
     """Qwen3 trains turn 1 as an extra example and turn 2 in the whole conversation. When a long second question
     pushes turn 2 past --max_length, turn 2 is lost while the record stays kept (turn 1 is trained): before the fix
     the report showed the record kept, no extra example and nothing lost."""
-    from data_build import _build_and_save, format_data_report
+    from dftune.data.build import _build_and_save, format_data_report
 
     tokenizer = load(real_tokenizer, "qwen3")
     record = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "reasoning_content": "First thought.", "content": "4"},
@@ -293,7 +293,7 @@ def test_pad_token_is_a_reserved_token_when_the_vocabulary_has_one(real_tokenize
 
 
 def test_read_equals_kept_plus_skipped_per_file_and_cache_key_follows_the_rendering(real_tokenizer, tmp_path):
-    from data_build import _build_and_save, data_fingerprint
+    from dftune.data.build import _build_and_save, data_fingerprint
 
     tokenizer = load(real_tokenizer, "mistral_v0.1", fresh=True)
     path = tmp_path / "mixed.jsonl"
@@ -316,7 +316,7 @@ def test_read_equals_kept_plus_skipped_per_file_and_cache_key_follows_the_render
 
 
 def test_chat_template_option_takes_a_file_or_a_builtin_name(real_tokenizer, tmp_path):
-    from data_templates import CHATML_TEMPLATE, ensure_chat_template
+    from dftune.data.templates import CHATML_TEMPLATE, ensure_chat_template
 
     tokenizer = real_tokenizer("qwen2.5")
     assert ensure_chat_template(tokenizer, "chatml") == "chatml" and tokenizer.chat_template == CHATML_TEMPLATE

@@ -1,19 +1,12 @@
-"""scripts/inspect_data.py and scripts/bench_data.py run end to end on the tiny tokenizer."""
+"""dft-inspect and scripts/bench_data.py run end to end on the tiny tokenizer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+import dftune.cli.inspect_data as inspect_cli
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def test_inspect_data_marks_supervised_tokens_and_counts(tmp_path, tiny_model_dir, capsys):
@@ -24,7 +17,7 @@ def test_inspect_data_marks_supervised_tokens_and_counts(tmp_path, tiny_model_di
                       {"role": "user", "content": "And France?"}, {"role": "assistant", "content": "Paris."}]},
     ]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    inspect_data = load_script("inspect_data")
+    inspect_data = inspect_cli
     assert inspect_data.main(["--model_name_or_path", tiny_model_dir, "--data_files", str(path), "--color", "never"]) == 0
     out = capsys.readouterr().out
     assert f"conversation 0 ({path}:2), 4 messages" in out
@@ -50,7 +43,7 @@ def test_inspect_data_kept_counts_are_the_ones_training_gets(tmp_path, tiny_mode
         {"instruction": "2+2?", "input": "", "output": "4"},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    inspect_data = load_script("inspect_data")
+    inspect_data = inspect_cli
     assert inspect_data.main(["--model_name_or_path", tiny_model_dir, "--data_files", str(path), "--color", "never"]) == 0
     out = capsys.readouterr().out
     assert f"{path}: read 3, kept 2, skipped 1: 1 content contains the control token text '<|im_end|>' (e.g. {path}:2)" in out

@@ -17,9 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helpers import (
-    LOG_LINE, ROOT, SGD_ARGS, assert_close_dicts, assert_same_logs, assert_same_update, child_env, free_port,
-    launch, train_logs, weight_delta, weights,
+from helpers import (
+    LOG_LINE,
+    ROOT,
+    SGD_ARGS,
+    assert_close_dicts,
+    assert_same_logs,
+    assert_same_update,
+    child_env,
+    free_port,
+    launch,
+    train_logs,
+    weight_delta,
+    weights,
 )
 
 pytestmark = pytest.mark.distributed

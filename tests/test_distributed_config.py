@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from dist_helpers import ROOT, child_env, free_port
-from distributed import deepspeed_requested
+from dftune.run.distributed import deepspeed_requested
+
+from helpers import ROOT, child_env, free_port
 
 CONFIGS = ["zero2.json", "zero3.json", "zero3_offload.json"]
 
@@ -140,7 +141,7 @@ def test_ranks_of_a_launch_leave_without_interpreter_teardown_and_keep_their_exi
 
 
 def test_exit_codes_follow_sys_exit(capsys):
-    from distributed import _exit_code
+    from dftune.run.distributed import _exit_code
 
     assert [_exit_code(None), _exit_code(0), _exit_code(2), _exit_code(143)] == [0, 0, 2, 143]
     assert _exit_code("error: bad flag") == 1 and capsys.readouterr().err == "error: bad flag\n"

@@ -1,4 +1,4 @@
-"""Unit tier: answer extraction and matching (eval_answers.py), pass@k and the generation metrics."""
+"""Unit tier: answer extraction and matching (eval/answers.py), pass@k and the generation metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from eval_answers import answer_region, extract_choice, extract_math, last_boxed, parse_matcher, parse_number
-from eval_generation import generation_metrics, pass_at_k, pass_at_k_values
+from dftune.eval.answers import answer_region, extract_choice, extract_math, last_boxed, parse_matcher, parse_number
+from dftune.eval.generation import generation_metrics, pass_at_k, pass_at_k_values
 
 
 def correct(spec: str, output: str, reference: str) -> bool:
@@ -134,7 +134,7 @@ def test_generation_metrics_are_sums_divided_once():
 
 
 def test_generation_files_are_read_with_file_line_errors(tmp_path):
-    from eval_generation import GenerationFileError, metric_stem, read_generation_files
+    from dftune.eval.generation import GenerationFileError, metric_stem, read_generation_files
 
     array = tmp_path / "Math-Set.v2.json"
     records = [{"prompt": "1+1?", "answer": 2}, {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}]
@@ -160,7 +160,7 @@ def test_generation_files_are_read_with_file_line_errors(tmp_path):
 def test_generation_files_get_distinct_metric_names_without_a_doubled_gen(tmp_path):
     """Two files named test.jsonl in different folders were merged into one metric name (and, being "one file",
     got no per-file accuracy at all); gen_held.jsonl gave eval_gen_gen_held_accuracy."""
-    from eval_generation import metric_stem, read_generation_files
+    from dftune.eval.generation import metric_stem, read_generation_files
 
     paths = []
     for folder, name in (("gsm8k", "test.jsonl"), ("math", "test.jsonl"), ("sets", "gen_held.jsonl"), ("sets", "gen.jsonl")):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import ROOT, SGD_ARGS, child_env, free_port, launch, write_small_data
+from helpers import ROOT, SGD_ARGS, child_env, free_port, launch, write_small_data
 
 pytestmark = pytest.mark.distributed
 QUESTIONS = ROOT / "data" / "sample_eval" / "questions.jsonl"
@@ -77,7 +77,7 @@ def test_two_processes_score_every_prompt_once_like_one_process(runs, name):
 
 
 def test_evaluate_py_under_torchrun_gives_one_process_metrics(tmp_path):
-    """scripts/evaluate.py launched on 2 processes scores every prompt and conversation once: the same
+    """dft-eval launched on 2 processes scores every prompt and conversation once: the same
     generations and metrics as one process, results written once, both processes exiting 0."""
     data_file = write_small_data(tmp_path, conversations=8)
     prompts = tmp_path / "prompts.jsonl"
@@ -89,7 +89,7 @@ def test_evaluate_py_under_torchrun_gives_one_process_metrics(tmp_path):
     for procs in (1, 2):
         out = tmp_path / f"procs{procs}"
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port()), "scripts/evaluate.py", *flags, "--output_dir", str(out)]
+                   "--master_port", str(free_port()), "-m", "dftune.cli.evaluate", *flags, "--output_dir", str(out)]
         run = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         results[procs] = json.loads((out / "eval_results.json").read_text())["metrics"]

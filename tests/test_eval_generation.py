@@ -1,12 +1,10 @@
 """Integration tier: generation evaluation on the tiny model (batched generation, training runs,
-best-model selection, generation-only evaluation, LoRA + packing, scripts/evaluate.py, bad files) and
+best-model selection, generation-only evaluation, LoRA + packing, dft-eval, bad files) and
 the evaluation loose ends (compute_metrics with the chunked loss, predict() metrics)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,29 +12,20 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import dftune.cli.evaluate as evaluate_cli
 import train_dft
-from arguments import DFTTrainingArguments
 from data_utils import DataCollatorForDFT, tokenize_conversation
 from dft_trainer import DFTTrainer
-from eval_generation import GenerationEvalArguments, GenerationEvaluator
+from dftune.arguments import DFTTrainingArguments
+from dftune.eval.generation import GenerationEvalArguments, GenerationEvaluator
+
+from helpers import load_script, read_jsonl
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = str(ROOT / "data" / "sample_eval" / "questions.jsonl")
 RECORD_FIELDS = {"prompt", "reference", "output", "extracted", "correct"}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +168,7 @@ def test_lora_packing_run_and_evaluate_py_score_the_same_model(tmp_path, tiny_mo
         "--eval_generation_files", prompts_file, QUESTIONS, "--eval_answer_match", "contains", "--eval_generation_max_new_tokens", "12",
     ])
     trained = read_jsonl(out / "generations" / "step-6.jsonl")
-    evaluate = load_script("evaluate")
+    evaluate = evaluate_cli
     flags = ["--eval_generation_files", prompts_file, QUESTIONS, "--eval_answer_match", "contains", "--eval_generation_max_new_tokens", "12"]
     adapter = evaluate.main(["--model_name_or_path", tiny_model_dir, "--adapter", str(out), "--output_dir", str(tmp_path / "ev_adapter"), *flags])
     scored = read_jsonl(tmp_path / "ev_adapter" / "generations" / "step-0.jsonl")
@@ -201,8 +190,9 @@ def test_lora_packing_run_and_evaluate_py_score_the_same_model(tmp_path, tiny_mo
 
 
 def _small_trainer(tmp_path, tiny_model_dir, tiny_tokenizer, sample_files, **kwargs):
-    from data_utils import load_conversations
     from datasets import Dataset
+
+    from data_utils import load_conversations
 
     conversations, _ = load_conversations([sample_files[0]])
     rows = [tokenize_conversation(tiny_tokenizer, c["messages"], 256) for c in conversations[:10]]
@@ -269,7 +259,7 @@ def test_generation_prompts_render_with_the_chat_template_kwargs_of_training(tmp
     assert tokenizer.decode(evaluator.prompt_ids[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert [r["output"] for r in evaluator.evaluate(model)[1]] == trained
 
-    scored = load_script("evaluate").main(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "ev"), "--eval_generation_files",
+    scored = evaluate_cli.main(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "ev"), "--eval_generation_files",
                                            prompts_file, "--eval_generation_max_new_tokens", "8", "--chat_template_kwargs", kwargs])
     assert [r["output"] for r in read_jsonl(Path(scored["generations"]))] == trained
 
@@ -279,7 +269,7 @@ def test_generation_files_are_read_like_data_files_with_real_line_numbers(tmp_pa
     error for the 2nd record of a pretty-printed array said ':2' though it starts on line 6. Gzipped JSON lines work."""
     import gzip
 
-    from eval_generation import GenerationFileError, read_generation_files
+    from dftune.eval.generation import GenerationFileError, read_generation_files
 
     array = tmp_path / "array.json"
     array.write_text(json.dumps([{"prompt": "1+1?", "answer": 2}, {"prompt": "2+2?"}], indent=2))
@@ -299,8 +289,9 @@ def test_generation_prompts_with_a_system_turn_render_as_training_does_under_mis
     """Mistral v0.1's template raises on a system role: training folds the system prompt into the first user turn,
     generation evaluation died with a jinja traceback at start-up. Now the prompt is folded the same way, and a
     prompt the template still cannot render is one error naming file:line."""
-    from conftest import TEMPLATES
-    from eval_generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError
+    from dftune.eval.generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError
+
+    from helpers import TEMPLATES
 
     tokenizer = real_tokenizer("llama3.2")
     tokenizer.chat_template = (TEMPLATES / "mistral_7b_instruct_v0_1.jinja").read_text()
@@ -317,7 +308,7 @@ def test_generation_prompts_with_a_system_turn_render_as_training_does_under_mis
 def test_evaluate_py_bad_paths_are_one_line_naming_the_flag(tmp_path, tiny_model_dir, capsys, case):
     """Were `[Errno 20] Not a directory: '.../logs'` (no flag named) and transformers' "Couldn't instantiate
     the backend tokenizer" (a run's folder given before it finished, or a sweep's base/ folder)."""
-    evaluate = load_script("evaluate")
+    evaluate = evaluate_cli
     a_file, not_a_model = tmp_path / "a_file", tmp_path / "run"
     a_file.write_text("x")
     not_a_model.mkdir()
@@ -338,9 +329,9 @@ def test_evaluate_py_bad_paths_are_one_line_naming_the_flag(tmp_path, tiny_model
 def test_evaluate_py_takes_the_runs_chat_template(tmp_path, tiny_model_dir, prompts_file, capsys):
     """A run trained with --chat_template F: its base model is scored as the run's step 0 only with the same
     template (evaluate.py had no such flag and scored the tokenizer's own template)."""
-    from conftest import TEMPLATES
+    from helpers import TEMPLATES
 
-    evaluate = load_script("evaluate")
+    evaluate = evaluate_cli
     template = TEMPLATES / "llama3_2_instruct.jinja"
     results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--eval_generation_files", prompts_file,
                              "--eval_generation_max_new_tokens", "4", "--output_dir", str(tmp_path / "ev"),

@@ -7,15 +7,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-from dist_helpers import child_env
+from helpers import child_env, load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import experiment_small  # noqa: E402
+experiment_small = load_script("experiment_small")
 
 
 def numbers_of(worked_answer: str) -> tuple[int, ...]:
@@ -64,7 +62,7 @@ def test_smoke_experiment_runs_the_whole_pipeline(tmp_path):
         # Evaluated at step 0 (--eval_on_start) and at the end.
         assert compare["curves"][variant]["eval_gen_accuracy"]["step"] == [0, experiment_small.SMOKE.max_steps]
         assert (out / f"{variant}-seed0" / "generations").is_dir()
-    # The base row (scripts/evaluate.py) and step 0 of a run (--eval_on_start) score the same model the same way.
+    # The base row (dft-eval) and step 0 of a run (--eval_on_start) score the same model the same way.
     step0 = json.loads((out / "sft-seed0" / "trainer_state.json").read_text())["log_history"]
     step0 = next(entry for entry in step0 if entry.get("step") == 0 and "eval_ce_loss" in entry)
     for key in ("eval_ce_loss", "eval_gen_accuracy", "eval_gen_finished"):

@@ -11,7 +11,8 @@ import pytest
 import transformers
 
 import dist_logger
-from dist_helpers import LOG_LINE
+
+from helpers import LOG_LINE
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_python_warnings_become_prefixed_log_lines(monkeypatch, capsys, restore_
     dist_logger.setup_logging()
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn("deprecated thing", FutureWarning)
+        warnings.warn("deprecated thing", FutureWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert re.search(r" WARNING \[rank 1/2\] py.warnings: .*FutureWarning: deprecated thing", err)
 

@@ -1,4 +1,4 @@
-"""LoRA (lora.py): flags, wrapping, what trains, what is saved, merged model, resume.
+"""LoRA (model/lora.py): flags, wrapping, what trains, what is saved, merged model, resume.
 
 Unit tests build the peft model directly; integration tests run `train_dft.main` on the tiny model.
 The 2-process ZeRO-3 run is in test_lora_distributed.py.
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import train_dft
-from lora import LoraArguments, LoraConfigError, apply_lora, save_merged_model
+from dftune.model.lora import LoraArguments, LoraConfigError, apply_lora, save_merged_model
 
 ADAPTER_FILE = "adapter_model.safetensors"
 

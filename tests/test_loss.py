@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dft_loss import IGNORE_INDEX, STAT_FIELDS, LossSpec, check_dft_alpha, dft_loss_from_logits, metrics_from_stats, shift_labels
-from dft_loss_chunked import dft_loss_from_hidden
+from dftune.loss.chunked import dft_loss_from_hidden
+from dftune.loss.core import IGNORE_INDEX, STAT_FIELDS, LossSpec, check_dft_alpha, dft_loss_from_logits, metrics_from_stats, shift_labels
 
 ALPHAS = [0.0, 0.3, 0.7, 1.0]
 SPECS = {
@@ -291,7 +291,7 @@ def test_chunked_16bit_head_matches_the_autocast_lm_head():
 def test_chunked_is_refused_where_it_cannot_be_exact(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from dft_loss_chunked import chunked_unsupported_reason, resolve_loss_impl
+    from dftune.loss.chunked import chunked_unsupported_reason, resolve_loss_impl
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert chunked_unsupported_reason(model) is None
@@ -472,7 +472,7 @@ def test_auto_picks_full_for_remote_code_under_lora(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dft_loss_chunked import resolve_loss_impl
+    from dftune.loss.chunked import resolve_loss_impl
 
     class RemoteCodeForCausalLM(Qwen2ForCausalLM):  # what trust_remote_code loads: a class outside transformers
         pass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import ROOT, SGD_ARGS, assert_same_logs, assert_same_update, launch, train_logs, weight_delta
+from helpers import ROOT, SGD_ARGS, assert_same_logs, assert_same_update, launch, train_logs, weight_delta
 
 pytestmark = pytest.mark.distributed
 STEPS = 2

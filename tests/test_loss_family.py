@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import train_dft
-from arguments import DFTTrainingArguments
 from data_utils import DataCollatorForDFT, tokenize_conversation
-from dft_loss import LossSpec, dft_loss_from_logits
-from dft_loss_chunked import dft_loss_chunked
-from dft_reference import ReferenceModel
 from dft_trainer import DFTTrainer
+from dftune.arguments import DFTTrainingArguments
+from dftune.loss.chunked import dft_loss_chunked
+from dftune.loss.core import LossSpec, dft_loss_from_logits
+from dftune.loss.reference import ReferenceModel
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 from data_utils import DataCollatorForDFT, load_conversations, tokenize_conversation
-from dft_loss import IGNORE_INDEX, LossSpec, dft_loss_from_logits, metrics_from_stats
-from dft_loss_chunked import dft_loss_chunked
-from dft_reference import ReferenceModel
 from dft_trainer import count_supervised_tokens
-from packing import (
+from dftune.data.packing import (
     DataCollatorForPacking,
     best_fit_decreasing,
     check_model_for_packing,
@@ -24,6 +21,9 @@ from packing import (
     pack_dataset,
     packing_stats,
 )
+from dftune.loss.chunked import dft_loss_chunked
+from dftune.loss.core import IGNORE_INDEX, LossSpec, dft_loss_from_logits, metrics_from_stats
+from dftune.loss.reference import ReferenceModel
 
 # eager and sdpa run on CPU in seconds; flex_attention runs too but compiles for minutes on CPU,
 # so it is measured by scripts/bench_train.py on GPU rather than here.

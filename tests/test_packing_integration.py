@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import train_dft
-from arguments import DFTTrainingArguments, ModelArguments
 from data_utils import DataCollatorForDFT, load_conversations
+from dftune.arguments import DFTTrainingArguments, ModelArguments
 
 pytestmark = pytest.mark.integration
 

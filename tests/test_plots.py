@@ -7,7 +7,6 @@ trainer_state.json, as a run that is still going or crashed would.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -16,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-import run_plots
-from run_plots import PANEL_COLUMNS, PANELS
+import dftune.run.plots as run_plots
 import train_dft
-from dist_helpers import write_small_data
+
+from helpers import write_small_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

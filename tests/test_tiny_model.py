@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT
 from data_utils import format_supervision, tokenize_conversation
-from test_data_masking import supervised_spans
+
+from helpers import ROOT, load_script, supervised_spans
 
 TEXTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n",
@@ -45,8 +45,7 @@ def test_make_tiny_model_builds_a_loadable_qwen2_with_chatml(fresh_build):
 
 
 def test_ids_identical_before_and_after_reload(fresh_build, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_tiny_model
+    make_tiny_model = load_script("make_tiny_model")
 
     corpus = [m["content"] for c in make_tiny_model.read_corpus(str(ROOT / "data" / "sample")) for m in c]
     built = make_tiny_model.build_tokenizer(corpus, 1024)

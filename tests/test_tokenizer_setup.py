@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import dftune.cli.evaluate as evaluate_cli
 import train_dft
-from conftest import tiny_model_for
 from data_utils import DataCollatorForDFT
-from packing import DataCollatorForPacking
+from dftune.data.packing import DataCollatorForPacking
+
+from helpers import tiny_model_for
 
 DATA = [
     {"messages": [{"role": "user", "content": f"What is {a} plus {a}?"}, {"role": "assistant", "content": f"{a} plus {a} is {2 * a}."}]}
@@ -83,7 +85,7 @@ def test_evaluate_py_scores_a_lora_adapter_with_added_tokens_and_a_model_without
     """evaluate.py sets the tokenizer and model up as training does: before the fix the adapter of a base model
     that got <|im_start|>/<|im_end|> died in peft (IndexError: its token rows lie past the base vocabulary), and
     a stock Llama-3.2 (no pad token) with --eval_data_files was refused."""
-    from test_eval_generation import load_script, read_jsonl
+    from helpers import read_jsonl
 
     model_dir = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "model"), tie=False)
     (tmp_path / "model" / "chat_template.jinja").unlink()
@@ -92,7 +94,7 @@ def test_evaluate_py_scores_a_lora_adapter_with_added_tokens_and_a_model_without
     gen_flags = ["--eval_generation_files", str(prompts), "--eval_generation_max_new_tokens", "6"]
     out = tmp_path / "out"
     train(model_dir, write_data(tmp_path), out, "--use_lora", "--lora_r", "2", *gen_flags)
-    evaluate = load_script("evaluate")
+    evaluate = evaluate_cli
     evaluate.main(["--model_name_or_path", model_dir, "--adapter", str(out), "--output_dir", str(tmp_path / "ev"), *gen_flags])
     scored = read_jsonl(tmp_path / "ev" / "generations" / "step-0.jsonl")
     assert [r["output"] for r in scored] == [r["output"] for r in read_jsonl(out / "generations" / "step-3.jsonl")]
@@ -138,8 +140,9 @@ def base_model_with_own_template(real_tokenizer_dirs, out_dir) -> str:
 
 
 def test_template_end_of_turn_is_found_for_real_templates(real_tokenizer):
-    from conftest import TEMPLATES
-    from tokenizer_setup import template_end_of_turn
+    from dftune.data.tokenizer import template_end_of_turn
+
+    from helpers import TEMPLATES
 
     llama, qwen = real_tokenizer("llama3.2"), real_tokenizer("qwen2.5")
     assert llama.convert_ids_to_tokens(template_end_of_turn(llama, {})) == "<|eot_id|>"

@@ -14,12 +14,12 @@ from collections import Counter
 
 import pytest
 
-import tracking
-import tracking_backends
+import dftune.run.records as tracking
+import dftune.run.trackers as tracking_backends
 import train_dft
 from data_utils import FileReport
-from tracker_files import swanlab_offline_run, tensorboard_scalars, wandb_offline_run
-from dist_helpers import write_small_data
+
+from helpers import swanlab_offline_run, tensorboard_scalars, wandb_offline_run, write_small_data
 
 TRAIN_METRICS = ("loss", "avg_p_correct", "dft_alpha", "ce_loss", "token_accuracy")
 EVAL_METRICS = ("loss", "avg_p_correct", "ce_loss", "token_accuracy", "perplexity")

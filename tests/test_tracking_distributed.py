@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from tracker_files import swanlab_offline_run, tensorboard_scalars, wandb_offline_run
-from dist_helpers import write_small_data
+from helpers import swanlab_offline_run, tensorboard_scalars, wandb_offline_run, write_small_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

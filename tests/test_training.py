@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_dft
-from arguments import DFTTrainingArguments
 from data_utils import DataCollatorForDFT, tokenize_conversation
-from dft_loss import IGNORE_INDEX, shift_labels
 from dft_trainer import DFTTrainer
+from dftune.arguments import DFTTrainingArguments
+from dftune.loss.core import IGNORE_INDEX, shift_labels
 
 pytestmark = pytest.mark.integration
 
@@ -210,7 +210,7 @@ def test_model_never_receives_labels_so_no_library_loss_can_replace_dft(tmp_path
     for impl in ("full", "chunked"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         seen: list[set] = []
-        model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+        model.register_forward_pre_hook(lambda module, args, kwargs, seen=seen: seen.append(set(kwargs)), with_kwargs=True)
         args = DFTTrainingArguments(
             output_dir=str(tmp_path / impl), per_device_train_batch_size=2, max_steps=1, report_to=[],
             save_strategy="no", loss_impl=impl, disable_tqdm=True, eval_strategy="steps", eval_steps=1,
