@@ -22,7 +22,7 @@ endif
 # The environment's bin first, so train.sh and the tests find its python, torchrun and deepspeed.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: help env demo test test-unit clean
+.PHONY: help env demo test test-unit lint clean
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
 
@@ -34,12 +34,15 @@ env:  ## create or update the environment: .venv (or PYTHON=..., or the activate
 demo: env  ## fine-tune the bundled tiny model on the sample data (scripts/train.sh; ARGS="..." passes flags)
 	$(RUN) PYTHON="$(PY)" OMP_NUM_THREADS="$${OMP_NUM_THREADS:-1}" bash scripts/train.sh $(ARGS)
 
-test: env  ## the whole test suite, as README says: python -m pytest -q (PYTEST_ARGS="..." adds options)
+test: env lint  ## the linter, then the whole test suite: python -m pytest -q (PYTEST_ARGS="..." adds options)
 	@$(RUN) env -u PYTHON $(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
 	  if [ -n "$(PYTEST_STATUS_FILE)" ]; then echo $$status > "$(PYTEST_STATUS_FILE)"; fi; exit $$status
 
-test-unit: env  ## the tests marked neither integration nor distributed (no multi-process runs)
-	$(RUN) env -u PYTHON $(PY) -m pytest -q -m "not integration and not distributed" $(PYTEST_ARGS)
+test-unit: env  ## the unit tier: fast, one process, no training run (under a minute)
+	$(RUN) env -u PYTHON $(PY) -m pytest -q -m "unit and not integration and not distributed" $(PYTEST_ARGS)
+
+lint: env  ## ruff (configured in pyproject.toml) over the package, the entry files, scripts and tests (seconds)
+	$(RUN) $(PY) -m ruff check .
 
 clean:  ## remove outputs/ (the demo's runs); rm -rf .venv removes the environment
 	rm -rf outputs

@@ -3,9 +3,10 @@
 #   1. with a VENV_DIR argument and no environment there yet, creates it (python -m venv);
 #   2. unless torch is already importable: installs torch==TORCH_VERSION for this machine, the CUDA build
 #      from PyPI when an NVIDIA GPU is visible (nvidia-smi), else the CPU build (TORCH_CPU_INDEX);
-#   3. installs requirements.txt.
+#   3. installs requirements.txt, then the project itself editable (pip install -e .: the dftune package and
+#      the console scripts dft-train, dft-eval, dft-compare, dft-inspect; no script needs sys.path tricks).
 # Steps 2-3 are skipped when the environment's stamp (sys.prefix/.dft-trainer-requirements) holds the
-# sha256 of requirements.txt and of this script: a second call installs nothing, a changed
+# sha256 of requirements.txt, pyproject.toml and this script: a second call installs nothing, a changed
 # requirements.txt reinstalls. The stamp lives in the environment, so a recreated one installs again.
 #
 #   bash scripts/setup_env.sh .venv/bin/python .venv     # make's default: the project-local .venv
@@ -32,7 +33,7 @@ if ! "$PY" -c 'import sys' 2>/dev/null; then
   exit 2
 fi
 
-WANT="$(cat requirements.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
+WANT="$(cat requirements.txt pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
 STAMP="$("$PY" -c 'import os, sys; print(os.path.join(sys.prefix, ".dft-trainer-requirements"))')"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" = "$WANT" ]; then
   exit 0  # installed by an earlier call, requirements.txt unchanged
@@ -55,6 +56,10 @@ else
 fi
 echo "setup: installing requirements.txt"
 "$PY" "${PIP[@]}" -r requirements.txt
+echo "setup: installing the project (editable: dftune and its console scripts)"
+# --no-deps: requirements.txt above brought them (pyproject.toml names the same lower bounds);
+# --no-build-isolation: setuptools of the environment, no download of a build environment.
+"$PY" "${PIP[@]}" --no-deps --no-build-isolation -e .
 if ! echo "$WANT" > "$STAMP" 2>/dev/null; then
   echo "setup: cannot write $STAMP; the next call checks the requirements again"
 fi

@@ -115,3 +115,15 @@ def real_tokenizer(_real_tokenizers):
     import copy
 
     return lambda name: copy.deepcopy(_real_tokenizers[name])
+
+
+TIERS = ("unit", "integration", "distributed")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to a tier (README, Tests): its file's `pytestmark`, or its own mark when heavier
+    (integration, distributed). A test without one is a collection error, so `make test-unit` never
+    silently gains a slow test or loses one."""
+    untiered = [item.nodeid for item in items if not any(item.get_closest_marker(tier) for tier in TIERS)]
+    if untiered:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {', '.join(untiered[:5])}")

@@ -30,6 +30,8 @@ from dftune.run.checkpoints import (
 
 from helpers import ROOT, SGD_ARGS, child_env, write_small_data
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 
 def make_checkpoint(output_dir: Path, step: int, complete: bool) -> Path:
     path = output_dir / f"checkpoint-{step}"
@@ -199,6 +201,7 @@ def test_sigterm_to_train_sh_under_torchrun_reports_the_stop_with_status_143(tmp
     assert latest_complete_checkpoint(str(out)) == str(checkpoint)
 
 
+@pytest.mark.integration
 def test_sigterm_without_checkpoints_says_a_rerun_starts_again(tmp_path):
     """--save_strategy no: the stop used to say "continue with --resume_from_checkpoint latest", which then
     started from step 0 without a word."""

@@ -22,6 +22,8 @@ from dftune.run.manifest import COMPLETE_MARKER, file_owner, mark_complete, read
 
 from helpers import ROOT, SGD_ARGS, child_env, write_small_data
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 STEPS = 3
 
 

@@ -20,6 +20,8 @@ from dftune.sweep.results import RunResult, aggregate, mean_std, metrics_from_hi
 
 from helpers import child_env, write_small_data
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

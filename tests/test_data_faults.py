@@ -12,6 +12,8 @@ import pytest
 from data_utils import DataError, build_datasets, check_data_file, iter_records
 from dftune.arguments import DataArguments, DFTTrainingArguments
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 
 def chat(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}

@@ -9,6 +9,8 @@ import pytest
 
 from dftune.data.formats import FormatOptions, normalize_record, template_messages
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 
 def msg(role: str, content: str, **fields) -> dict:
     return {"role": role, "content": content, "reasoning_content": None, "tool_calls": None, "name": None, "loss": None, **fields}

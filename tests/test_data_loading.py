@@ -17,6 +17,8 @@ from data_utils import (
     resolve_data_files,
 )
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 def msg(role: str, content: str, **fields) -> dict:
     """A message in the normalised schema (every field present, None when the record has none)."""

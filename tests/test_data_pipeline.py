@@ -12,6 +12,8 @@ import pytest
 from data_utils import IGNORE_INDEX, TRUNCATED_TO_NOTHING, DataError, build_datasets, format_data_report
 from dftune.arguments import DataArguments, DFTTrainingArguments
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 MAX_LENGTH = 64
 
 

@@ -26,6 +26,8 @@ from dftune.loss.core import IGNORE_INDEX
 
 from helpers import TEMPLATES, supervised_spans
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 R1_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 # template name -> (tokenizer, template file or None for the tokenizer's own / built-in, end-of-turn token, headers)
 SETUPS = {

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import dftune.cli.inspect_data as inspect_cli
 
 from helpers import load_script
+
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
 
 
 def test_inspect_data_marks_supervised_tokens_and_counts(tmp_path, tiny_model_dir, capsys):

@@ -14,6 +14,8 @@ from dftune.run.distributed import deepspeed_requested
 
 from helpers import ROOT, child_env, free_port
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 CONFIGS = ["zero2.json", "zero3.json", "zero3_offload.json"]
 
 
@@ -96,6 +98,7 @@ def test_deepspeed_requested(tmp_path):
     assert not deepspeed_requested([str(config)])
 
 
+@pytest.mark.distributed
 def test_a_launched_rank_closes_its_process_group_on_every_exit(tmp_path):
     """train_dft.py run as a script destroys the process group before the interpreter exits, also when
     it stops on bad input: a gloo group left for interpreter finalisation can abort a rank that finished

@@ -10,6 +10,8 @@ import pytest
 from dftune.eval.answers import answer_region, extract_choice, extract_math, last_boxed, parse_matcher, parse_number
 from dftune.eval.generation import generation_metrics, pass_at_k, pass_at_k_values
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 
 def correct(spec: str, output: str, reference: str) -> bool:
     matcher = parse_matcher(spec)

@@ -12,6 +12,8 @@ import pytest
 
 from helpers import child_env, load_script
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 experiment_small = load_script("experiment_small")
 

@@ -14,6 +14,8 @@ import dist_logger
 
 from helpers import LOG_LINE
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 
 @pytest.fixture
 def restore_logging():

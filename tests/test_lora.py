@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, HfArgumentParser
 import train_dft
 from dftune.model.lora import LoraArguments, LoraConfigError, apply_lora, save_merged_model
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 ADAPTER_FILE = "adapter_model.safetensors"
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # ZeRO-3 that really partitions the tiny model: with the default persistence threshold (100K elements)

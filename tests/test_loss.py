@@ -12,6 +12,8 @@ import torch
 from dftune.loss.chunked import dft_loss_from_hidden
 from dftune.loss.core import IGNORE_INDEX, STAT_FIELDS, LossSpec, check_dft_alpha, dft_loss_from_logits, metrics_from_stats, shift_labels
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 ALPHAS = [0.0, 0.3, 0.7, 1.0]
 SPECS = {
     "dft": LossSpec(),

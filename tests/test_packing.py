@@ -25,6 +25,8 @@ from dftune.loss.chunked import dft_loss_chunked
 from dftune.loss.core import IGNORE_INDEX, LossSpec, dft_loss_from_logits, metrics_from_stats
 from dftune.loss.reference import ReferenceModel
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 # eager and sdpa run on CPU in seconds; flex_attention runs too but compiles for minutes on CPU,
 # so it is measured by scripts/bench_train.py on GPU rather than here.
 CPU_ATTENTION = ["eager", "sdpa"]

@@ -20,6 +20,8 @@ import train_dft
 
 from helpers import write_small_data
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

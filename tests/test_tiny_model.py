@@ -13,6 +13,8 @@ from data_utils import format_supervision, tokenize_conversation
 
 from helpers import ROOT, load_script, supervised_spans
 
+pytestmark = pytest.mark.integration  # the file's tier; a test marked integration or distributed belongs to that one
+
 TEXTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n",
     "法国的首都是哪里？ 巴黎。 mixed 中文 and English, numbers 12345 and symbols ~!@#$%^&*()\n\n\ttabs",

@@ -17,6 +17,8 @@ from dftune.data.packing import DataCollatorForPacking
 
 from helpers import tiny_model_for
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 DATA = [
     {"messages": [{"role": "user", "content": f"What is {a} plus {a}?"}, {"role": "assistant", "content": f"{a} plus {a} is {2 * a}."}]}
     for a in range(12)
@@ -43,6 +45,7 @@ def test_collators_refuse_a_missing_pad_id_with_what_to_do(collator):
         collator(pad_token_id=None)
 
 
+@pytest.mark.integration
 def test_tokenizer_without_pad_token_trains(tmp_path, real_tokenizer_dirs):
     # Stock Llama-3.2: no pad token; before the fix the first batch died in torch.full(fill_value=None).
     model_dir = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "model"), tie=False)
@@ -53,6 +56,7 @@ def test_tokenizer_without_pad_token_trains(tmp_path, real_tokenizer_dirs):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.pad_token_id == saved.pad_token_id
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_base_model_without_chatml_tokens_learns_the_end_of_turn(tmp_path, real_tokenizer_dirs, use_lora):
     model_dir = tiny_model_for(real_tokenizer_dirs["llama3.2"], str(tmp_path / "model"), tie=False)
@@ -81,6 +85,7 @@ def test_base_model_without_chatml_tokens_learns_the_end_of_turn(tmp_path, real_
         assert im_end in trained.generation_config.eos_token_id  # generation stops at the end of a turn
 
 
+@pytest.mark.integration
 def test_evaluate_py_scores_a_lora_adapter_with_added_tokens_and_a_model_without_pad(tmp_path, real_tokenizer_dirs):
     """evaluate.py sets the tokenizer and model up as training does: before the fix the adapter of a base model
     that got <|im_start|>/<|im_end|> died in peft (IndexError: its token rows lie past the base vocabulary), and
@@ -105,6 +110,7 @@ def test_evaluate_py_scores_a_lora_adapter_with_added_tokens_and_a_model_without
     assert results["metrics"]["eval_ce_loss"] > 0
 
 
+@pytest.mark.integration
 def test_merged_lora_model_holds_the_trained_rows_of_added_tokens(tmp_path, real_tokenizer_dirs):
     """--merge_lora_on_save on a base model that got <|im_start|>/<|im_end|>: the embedding and LM head were saved
     under peft's wrapper keys (token_adapter.base_layer.weight), so AutoModelForCausalLM loaded both as random."""
@@ -153,6 +159,7 @@ def test_template_end_of_turn_is_found_for_real_templates(real_tokenizer):
     assert template_end_of_turn(qwen, {}) is None
 
 
+@pytest.mark.integration
 def test_saved_base_model_stops_at_its_templates_end_of_turn(tmp_path, real_tokenizer_dirs):
     """A base model whose eos is not the end-of-turn token its template writes: training supervises `<|eot_id|>`, so
     the saved generation_config must stop there too, or a user's model.generate runs past every answer (and

@@ -21,6 +21,8 @@ from data_utils import FileReport
 
 from helpers import swanlab_offline_run, tensorboard_scalars, wandb_offline_run, write_small_data
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 TRAIN_METRICS = ("loss", "avg_p_correct", "dft_alpha", "ce_loss", "token_accuracy")
 EVAL_METRICS = ("loss", "avg_p_correct", "ce_loss", "token_accuracy", "perplexity")
 LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "accelerate")

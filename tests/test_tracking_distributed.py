@@ -14,6 +14,8 @@ import pytest
 
 from helpers import swanlab_offline_run, tensorboard_scalars, wandb_offline_run, write_small_data
 
+pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
