@@ -15,11 +15,13 @@ import time
 from transformers import HfArgumentParser, set_seed
 
 from dftune.arguments import DataArguments, DFTTrainingArguments, ModelArguments
-from dftune.data.build import build_datasets, format_data_report, write_data_report
+from dftune.data.build import build_datasets
 from dftune.data.collators import DataCollatorForDFT
+from dftune.data.encoding import format_supervision
 from dftune.data.files import DataError
-from dftune.data.masking import format_supervision, template_kwargs
 from dftune.data.packing import apply_packing, check_model_for_packing, check_packing_attention
+from dftune.data.report import format_data_report, write_data_report
+from dftune.data.spans import template_kwargs
 from dftune.data.tokenizer import prepare_tokenizer
 from dftune.errors import EXIT_BAD_INPUT, UsageError
 from dftune.eval.generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files

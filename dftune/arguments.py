@@ -7,13 +7,16 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from transformers import TrainingArguments
 
-from dftune.data.masking import parse_template_kwargs
+from dftune.data.spans import parse_template_kwargs
 from dftune.data.templates import BUILTIN_TEMPLATES
-from dftune.loss.core import KL_DIRECTIONS, LOSS_TYPES, LossSpec, check_dft_alpha
+from dftune.loss import loss_spec_for
+from dftune.loss.core import LossSpec, check_dft_alpha
+from dftune.loss.variants import get_variant, loss_type_help, loss_types, resolve_variant_flags, variant_flags
 from dftune.run.trackers import normalize_report_to
 
 ATTN_CHOICES = ["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
@@ -128,12 +131,26 @@ class DataArguments:
             raise ValueError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
 
 
+def with_variant_flags(cls):
+    """Adds each loss variant's own flags (dftune/loss/variants.py) as fields, None unless given: the table,
+    not this file, says which flags there are, their help and their choices."""
+    for variant, flag in variant_flags():
+        cls.__annotations__[flag.name] = Optional[flag.type]  # noqa: UP045  (a runtime type for HfArgumentParser)
+        metadata = {"help": f"[--loss_type {variant.name}] {flag.help}"}
+        if flag.choices is not None:
+            metadata["choices"] = list(flag.choices)
+        setattr(cls, flag.name, field(default=None, metadata=metadata))
+    return cls
+
+
 @dataclass
+@with_variant_flags
 class DFTTrainingArguments(TrainingArguments):
     """transformers.TrainingArguments plus the DFT loss settings.
 
-    New fields: loss_type, dft_alpha, dft_min_weight, dft_alpha_warmup_ratio, anchor_kl_coef,
-    anchor_kl_direction, eaft_top_k, eaft_power (the loss, see README "Which loss when"), loss_impl,
+    New fields: loss_type, dft_alpha, dft_min_weight, dft_alpha_warmup_ratio and every variant's own flags
+    (anchor_kl_coef, anchor_kl_direction, eaft_top_k, eaft_power, ...: added from the table in
+    dftune/loss/variants.py by `with_variant_flags`; see docs/losses.md), loss_impl,
     loss_chunk_size, enable_gradient_checkpointing, logging_dir,
     warmup_ratio (removed from transformers 5, still accepted here), group_by_length (sets
     train_sampling_strategy).
@@ -144,12 +161,7 @@ class DFTTrainingArguments(TrainingArguments):
 
     loss_type: str = field(
         default="dft",
-        metadata={
-            "help": "dft: w = sg(p) * CE (the paper); sft: plain cross-entropy (same as --dft_alpha 0); asft: DFT "
-            "plus a KL anchor to the starting model (--anchor_kl_coef, --anchor_kl_direction); eaft: w = "
-            "sg(H_topK / ln K) ^ --eaft_power, the entropy of the top --eaft_top_k predictions.",
-            "choices": list(LOSS_TYPES),
-        },
+        metadata={"help": loss_type_help(), "choices": list(loss_types())},
     )
     dft_alpha: float = field(
         default=None,
@@ -168,24 +180,6 @@ class DFTTrainingArguments(TrainingArguments):
             "help": "Share of the training steps, in [0, 1), over which dft_alpha rises linearly from 0 (SFT first, "
             "then DFT); the logged dft_alpha is the value in force. 0 = off."
         },
-    )
-    anchor_kl_coef: float = field(
-        default=None,
-        metadata={"help": "lambda of --loss_type asft: loss = sum(w * CE + lambda * KL) / N. Default 0.1 (the ASFT code's)."},
-    )
-    anchor_kl_direction: str = field(
-        default=None,
-        metadata={
-            "help": "asft's KL, full vocabulary: forward = KL(p_ref || p_theta) (the ASFT reference code, default), "
-            "reverse = KL(p_theta || p_ref).",
-            "choices": list(KL_DIRECTIONS),
-        },
-    )
-    eaft_top_k: int = field(
-        default=None, metadata={"help": "K of --loss_type eaft: entropy over the top K predictions, renormalised (default 20)."}
-    )
-    eaft_power: float = field(
-        default=None, metadata={"help": "Exponent of --loss_type eaft's weight (H / ln K) ^ power (default 1)."}
     )
     loss_impl: str = field(
         default="auto",
@@ -284,16 +278,15 @@ class DFTTrainingArguments(TrainingArguments):
         self.average_tokens_across_devices = True
 
     def _check_loss_flags(self) -> None:
-        """Fills the loss flags' defaults for --loss_type; raises ValueError naming a conflicting flag."""
-        loss_type = self.loss_type
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}.")
-        if loss_type == "sft":
+        """Fills the loss flags' defaults for --loss_type (dftune/loss/variants.py); raises ValueError naming a
+        conflicting flag."""
+        variant = get_variant(self.loss_type)
+        if variant.weight_signal is None:  # plain cross-entropy: the weight flags mean nothing
             if self.dft_alpha not in (None, 0, 0.0):
-                raise ValueError(f"--loss_type sft is --dft_alpha 0; drop --dft_alpha {self.dft_alpha} or use --loss_type dft.")
+                raise ValueError(f"--loss_type {variant.name} is --dft_alpha 0; drop --dft_alpha {self.dft_alpha} or use --loss_type dft.")
             for flag in ("dft_min_weight", "dft_alpha_warmup_ratio"):
                 if getattr(self, flag):
-                    raise ValueError(f"--{flag} has no effect with --loss_type sft (every weight is 1); drop it or use --loss_type dft.")
+                    raise ValueError(f"--{flag} has no effect with --loss_type {variant.name} (every weight is 1); drop it or use --loss_type dft.")
             self.dft_alpha = 0.0
         elif self.dft_alpha is None:
             self.dft_alpha = 1.0
@@ -302,41 +295,19 @@ class DFTTrainingArguments(TrainingArguments):
             raise ValueError(f"--dft_min_weight must be in [0, 1), got {self.dft_min_weight}.")
         if not 0.0 <= self.dft_alpha_warmup_ratio < 1.0:
             raise ValueError(f"--dft_alpha_warmup_ratio must be in [0, 1), got {self.dft_alpha_warmup_ratio}.")
-        if self.dft_alpha == 0 and loss_type != "sft":
+        if self.dft_alpha == 0 and variant.weight_signal is not None:
             for flag in ("dft_min_weight", "dft_alpha_warmup_ratio"):
                 if getattr(self, flag):
                     raise ValueError(f"--{flag} has no effect with --dft_alpha 0 (every weight is 1); drop it or raise --dft_alpha.")
-        if loss_type != "asft":
-            for flag in ("anchor_kl_coef", "anchor_kl_direction"):
-                if getattr(self, flag) is not None:
-                    raise ValueError(f"--{flag} is used by --loss_type asft only (got --loss_type {loss_type}).")
-        else:
-            self.anchor_kl_coef = 0.1 if self.anchor_kl_coef is None else self.anchor_kl_coef
-            self.anchor_kl_direction = self.anchor_kl_direction or "forward"
-            if self.anchor_kl_coef <= 0:
-                raise ValueError(f"--anchor_kl_coef must be > 0 with --loss_type asft, got {self.anchor_kl_coef} (0 is --loss_type dft).")
-        if loss_type != "eaft":
-            for flag in ("eaft_top_k", "eaft_power"):
-                if getattr(self, flag) is not None:
-                    raise ValueError(f"--{flag} is used by --loss_type eaft only (got --loss_type {loss_type}).")
-        else:
-            self.eaft_top_k = 20 if self.eaft_top_k is None else self.eaft_top_k
-            self.eaft_power = 1.0 if self.eaft_power is None else self.eaft_power
-            if self.eaft_top_k < 2:
-                raise ValueError(f"--eaft_top_k must be >= 2 (the entropy of one prediction is 0), got {self.eaft_top_k}.")
-            if self.eaft_power <= 0:
-                raise ValueError(f"--eaft_power must be > 0, got {self.eaft_power}.")
+        given = {flag.name: getattr(self, flag.name) for _, flag in variant_flags()}
+        for name, value in resolve_variant_flags(self.loss_type, given).items():
+            setattr(self, name, value)
 
     def loss_spec(self, dft_alpha: float | None = None) -> LossSpec:
         """The loss these flags define; `dft_alpha`: the value in force (during --dft_alpha_warmup_ratio)."""
-        return LossSpec(
-            loss_type=self.loss_type,
-            dft_alpha=self.dft_alpha if dft_alpha is None else dft_alpha,
-            min_weight=self.dft_min_weight,
-            anchor_kl_coef=self.anchor_kl_coef or 0.0,
-            anchor_kl_direction=self.anchor_kl_direction or "forward",
-            eaft_top_k=self.eaft_top_k or 20,
-            eaft_power=self.eaft_power or 1.0,
+        return loss_spec_for(
+            self.loss_type, self.dft_alpha if dft_alpha is None else dft_alpha, self.dft_min_weight,
+            **{flag.name: getattr(self, flag.name) for _, flag in variant_flags()},
         )
 
 

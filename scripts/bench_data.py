@@ -24,9 +24,9 @@ import time
 from types import SimpleNamespace
 
 from dftune.data.build import build_datasets
+from dftune.data.encoding import ConversationTokenizer
 from dftune.data.files import iter_records, resolve_data_files
 from dftune.data.formats import normalize_record
-from dftune.data.masking import ConversationTokenizer
 from dftune.data.templates import ensure_chat_template
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

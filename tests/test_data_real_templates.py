@@ -12,15 +12,10 @@ import json
 
 import pytest
 
+from dftune.data.encoding import ConversationTokenizer
 from dftune.data.files import DataError
 from dftune.data.formats import normalize_record
-from dftune.data.masking import (
-    HEADER_SPLIT,
-    SYSTEM_FOLDED,
-    TURN_EXAMPLES,
-    ConversationTokenizer,
-    MaskingOptions,
-)
+from dftune.data.spans import HEADER_SPLIT, SYSTEM_FOLDED, TURN_EXAMPLES, MaskingOptions
 from dftune.data.tokenizer import prepare_tokenizer
 from dftune.loss.core import IGNORE_INDEX
 
@@ -190,7 +185,7 @@ def test_reasoning_turns_under_a_generation_prompt_that_closes_the_think_block(r
     reasoning is generated without it. Before the fix a tool-call turn with reasoning (no content) dropped the
     whole record as "not verbatim" (31 of LLaMA-Factory's 50 reason_tool_use records), and an answer turn
     was trained after reasoning the model never sees at generation."""
-    from dftune.data.masking import REASONING_DROPPED
+    from dftune.data.spans import REASONING_DROPPED
 
     tokenizer = load(real_tokenizer, "qwen3", fresh=True)
     record = {"tools": TOOLS, "messages": [
@@ -217,7 +212,8 @@ def test_examples_of_a_kept_record_lost_to_truncation_are_counted(real_tokenizer
     """Qwen3 trains turn 1 as an extra example and turn 2 in the whole conversation. When a long second question
     pushes turn 2 past --max_length, turn 2 is lost while the record stays kept (turn 1 is trained): before the fix
     the report showed the record kept, no extra example and nothing lost."""
-    from dftune.data.build import _build_and_save, format_data_report
+    from dftune.data.build import _build_and_save
+    from dftune.data.report import format_data_report
 
     tokenizer = load(real_tokenizer, "qwen3")
     record = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "reasoning_content": "First thought.", "content": "4"},

@@ -178,3 +178,17 @@ def test_generation_files_get_distinct_metric_names_without_a_doubled_gen(tmp_pa
     metrics = generation_metrics(records, samples=1)
     assert metrics["eval_gen_gsm8k_test_accuracy"] == 1.0 and metrics["eval_gen_math_test_accuracy"] == 0.0
     assert "eval_gen_held_accuracy" in metrics
+
+
+def test_a_new_matcher_is_one_table_entry(monkeypatch):
+    """MATCHER_TABLE is the one place a matcher is defined: an entry gives its parsing, extraction and check."""
+    from dftune.eval.answers import MATCHER_TABLE, MatcherKind
+
+    entry = MatcherKind("lastword", "the last word", lambda text, _: text.split()[-1].strip(".") if text.split() else None,
+                        lambda got, ref: got.lower() == ref.strip().lower())
+    monkeypatch.setitem(MATCHER_TABLE, "lastword", entry)
+    matcher = parse_matcher("lastword")
+    assert matcher.extract("<think>Rome?</think> The capital is Paris.") == "Paris"
+    assert matcher.is_correct("Paris", "paris") and not matcher.is_correct(None, "paris")
+    with pytest.raises(ValueError, match="unknown; use one of math, exact"):
+        parse_matcher("lastword:x")  # takes no pattern

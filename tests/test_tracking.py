@@ -260,3 +260,22 @@ def test_progress_lines_without_tqdm(tracked_run):
     eval_steps = [int(step) for step in re.findall(r"step (\d+)/9: .*eval_avg_p_correct", text)]
     assert eval_steps == [step for step, _ in logged(tracked_run["history"], "eval_avg_p_correct")]
     assert eval_steps[:2] == [4, 8]
+
+
+def test_a_new_tracker_is_one_table_entry(monkeypatch):
+    """TRACKERS is the one place a tracker is set up: its entry is started when --report_to names it and
+    closed with the run summary's numbers (rank 0), and the others are left alone."""
+    from types import SimpleNamespace
+
+    calls = []
+    entry = tracking_backends.Tracker(
+        "toy", start=lambda trainer, config: calls.append(("start", config["run_name"])) or True,
+        close=lambda numbers, plain: calls.append(("close", numbers["train_loss"], numbers["peak_memory_gib"])),
+    )
+    monkeypatch.setitem(tracking_backends.TRACKERS, "toy", entry)
+    trainer = SimpleNamespace(args=SimpleNamespace(report_to=["toy"]))
+    started = tracking_backends.start_trackers(trainer, {"run_name": "r1"})
+    assert started == ["toy"] and calls == [("start", "r1")]
+    tracking_backends.close_trackers(started, {"train_loss": 0.5, "flag": True, "peak_memory": {"peak_gib": 1.5}}, {})
+    assert calls[-1] == ("close", 0.5, 1.5)
+    assert tracking_backends.start_trackers(SimpleNamespace(args=SimpleNamespace(report_to=["none"])), {"run_name": "r"}) == []

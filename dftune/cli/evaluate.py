@@ -28,7 +28,7 @@ from dftune.arguments import DataArguments, DFTTrainingArguments, ModelArguments
 from dftune.data.build import build_datasets
 from dftune.data.collators import DataCollatorForDFT
 from dftune.data.files import DataError
-from dftune.data.masking import parse_template_kwargs, template_kwargs
+from dftune.data.spans import parse_template_kwargs, template_kwargs
 from dftune.data.tokenizer import TokenizerSetup, prepare_model, prepare_tokenizer
 from dftune.errors import UsageError
 from dftune.eval.generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError

@@ -14,10 +14,12 @@ import argparse
 import sys
 
 from dftune.arguments import DataArguments
-from dftune.data.build import _build_and_save, format_data_report, load_conversations
+from dftune.data.build import _build_and_save, load_conversations
+from dftune.data.encoding import ConversationTokenizer, format_supervision, supervision_runs
 from dftune.data.files import DataError, check_data_file, resolve_data_files
 from dftune.data.formats import FormatOptions
-from dftune.data.masking import ConversationTokenizer, MaskingOptions, format_supervision, supervision_runs
+from dftune.data.report import format_data_report
+from dftune.data.spans import MaskingOptions
 from dftune.data.tokenizer import prepare_tokenizer
 
 GREEN, RESET = "\033[1;32m", "\033[0m"

@@ -2,13 +2,14 @@
 
 Pipeline (`build_datasets`):
   1. resolve  `--data_files` files, directories and globs -> a sorted list of data files; each is checked
-              at once (exists, not empty, JSON or Parquet) so a bad path fails before any work (data_files).
-  2. read     record by record (data_files.iter_records).
+              at once (exists, not empty, JSON or Parquet) so a bad path fails before any work (files.py).
+  2. read     record by record (files.iter_records).
   3. normalise every record to one fixed schema {"messages": [...], "tools", "source", "line"},
-              or skip it with a reason (data_formats.normalize_record).
-  4. tokenise with the tokenizer's chat template and assistant-only labels (data_masking, `datasets.map`,
+              or skip it with a reason (formats.normalize_record).
+  4. tokenise with the tokenizer's chat template and assistant-only labels (spans.py, encoding.py, `datasets.map`,
               `num_proc` workers), drop conversations left with no supervised token, count them against their file.
   5. cache    the result on disk under a fingerprint of files, tokenizer, template, settings and the code.
+  6. report   per file and reason, with file:line examples (report.py).
 """
 
 from __future__ import annotations
@@ -22,59 +23,17 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from dftune.data.encoding import ConversationTokenizer
 from dftune.data.files import BrokenLine, DataError, check_data_file, iter_records, resolve_data_files
 from dftune.data.formats import FormatOptions, normalize_record
-from dftune.data.masking import TRUNCATED_TO_NOTHING, ConversationTokenizer, MaskingOptions
+from dftune.data.report import FileReport, _token_summary, _totals
+from dftune.data.spans import MaskingOptions
 from dftune.data.templates import BUILTIN_TEMPLATES, _template_of, ensure_chat_template
 
 logger = logging.getLogger(__name__)
-
-MAX_EXAMPLES = 3  # file:line examples kept per (file, reason)
-
-
-@dataclass
-class FileReport:
-    """What happened to the records of one input file. read == kept + sum(skipped.values())."""
-
-    path: str
-    split: str = "train"
-    read: int = 0
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few "file:line"
-    adjusted: Counter = field(default_factory=Counter)  # kept records changed to fit the template, by note
-    extra_examples: int = 0  # examples beyond one per kept record (one per turn, history-rewriting templates)
-    examples_lost_to_truncation: int = 0  # examples (turns) of kept records with no supervised token left
-
-    def skip(self, reason: str, where: str, max_examples: int = MAX_EXAMPLES) -> None:
-        self.skipped[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < max_examples:
-            shown.append(where)
-
-    def to_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "split": self.split,
-            "read": self.read,
-            "kept": self.kept,
-            "skipped": sum(self.skipped.values()),
-            "skipped_by_reason": dict(self.skipped.most_common()),
-            "examples": {reason: self.examples[reason] for reason, _ in self.skipped.most_common()},
-            "adjusted_by_note": dict(self.adjusted.most_common()),
-            "extra_examples": self.extra_examples,
-            "examples_lost_to_truncation": self.examples_lost_to_truncation,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FileReport:
-        return cls(data["path"], data["split"], data["read"], data["kept"], Counter(data["skipped_by_reason"]), dict(data["examples"]),
-                   Counter(data.get("adjusted_by_note", {})), data.get("extra_examples", 0), data.get("examples_lost_to_truncation", 0))
-
 
 def read_file_records(path: str, source: int, strict: bool, split: str = "train",
                       formats: FormatOptions | None = None) -> tuple[list[dict], FileReport]:
@@ -140,7 +99,7 @@ def _features():
     )
 
 
-PIPELINE_MODULES = ("files.py", "formats.py", "templates.py", "masking.py", "build.py")
+PIPELINE_MODULES = ("files.py", "formats.py", "templates.py", "spans.py", "encoding.py", "build.py", "report.py")
 
 
 def _pipeline_code_hash() -> str:
@@ -193,10 +152,6 @@ def default_cache_dir() -> str:
     return os.path.join(str(config.HF_DATASETS_CACHE), "dft_trainer")
 
 
-def _percentile(lengths: np.ndarray, q: float) -> int:
-    return int(np.percentile(lengths, q, method="nearest")) if len(lengths) else 0
-
-
 def _tokenise_files(files: list[str], split: str, first_source: int, strict: bool, encoder: ConversationTokenizer,
                     num_proc: int | None, reports: list[FileReport], formats: FormatOptions | None = None):
     """Reads, normalises, merges and tokenises one split; updates `reports`; returns (dataset, stats)."""
@@ -246,22 +201,6 @@ def _tokenise_files(files: list[str], split: str, first_source: int, strict: boo
     }
     dataset = tokenised.select(kept_indices).select_columns(["input_ids", "labels", "length"])
     return dataset, stats
-
-
-def _token_summary(stats: list[dict], reports: list[FileReport], max_length: int) -> dict:
-    lengths = np.concatenate([s["lengths"] for s in stats]) if stats else np.zeros(0, dtype=np.int64)
-    return {
-        "conversations": int(len(lengths)),
-        "total_tokens": sum(s["tokens"] for s in stats),
-        "supervised_tokens": sum(s["supervised_tokens"] for s in stats),
-        "length_p50": _percentile(lengths, 50),
-        "length_p90": _percentile(lengths, 90),
-        "length_p99": _percentile(lengths, 99),
-        "length_max": int(lengths.max()) if len(lengths) else 0,
-        "max_length": max_length,
-        "truncated": sum(s["truncated"] for s in stats),
-        "dropped_after_truncation": sum(r.skipped[TRUNCATED_TO_NOTHING] for r in reports),
-    }
 
 
 def _build_and_save(cache_path: str | None, train_files, eval_files, strict, encoder, num_proc, formats=None) -> dict:
@@ -393,70 +332,3 @@ def split_for_validation(dataset, percentage: float, seed: int):
     order = np.random.default_rng(seed).permutation(len(dataset))
     return (dataset.select(np.sort(order[held_out:]), keep_in_memory=True),
             dataset.select(np.sort(order[:held_out]), keep_in_memory=True))
-
-
-def _totals(files: list[dict]) -> dict:
-    by_reason: Counter = Counter()
-    for file_report in files:
-        by_reason.update(file_report["skipped_by_reason"])
-    return {
-        "read": sum(f["read"] for f in files),
-        "kept": sum(f["kept"] for f in files),
-        "skipped": sum(f["skipped"] for f in files),
-        "skipped_by_reason": dict(by_reason.most_common()),
-    }
-
-
-def format_data_report(report: dict) -> str:
-    """The data report as a table for the log (what a person reads before spending GPU hours)."""
-    files = report["files"]
-    width = max([len("total")] + [len(f["path"]) for f in files])
-    lines = [f"{'file':<{width}}  split      read      kept   skipped"]
-    for f in files:
-        lines.append(f"{f['path']:<{width}}  {f['split']:<5} {f['read']:>9,} {f['kept']:>9,} {f['skipped']:>9,}")
-        for reason, count in f["skipped_by_reason"].items():
-            examples = ", ".join(f["examples"].get(reason, []))
-            lines.append(f"    {count:>7,} x {reason}  (e.g. {examples})")
-        for note, count in f.get("adjusted_by_note", {}).items():
-            lines.append(f"    {count:>7,} kept, adjusted: {note}")
-        if f.get("extra_examples"):
-            lines.append(f"    {f['extra_examples']:>7,} extra examples, one per assistant turn (the template rewrites earlier turns)")
-        if f.get("examples_lost_to_truncation"):
-            lines.append(f"    {f['examples_lost_to_truncation']:>7,} example(s) of kept records lost to truncation to --max_length "
-                         "(turns with no supervised token left)")
-    totals = report.get("totals") or _totals(files)
-    lines.append(f"{'total':<{width}}        {totals['read']:>9,} {totals['kept']:>9,} {totals['skipped']:>9,}")
-    tokens = report["tokens"]
-    lines.append(
-        f"tokens: {tokens['total_tokens']:,} total, {tokens['supervised_tokens']:,} supervised over "
-        f"{tokens['conversations']:,} conversations; length p50 {tokens['length_p50']}, p90 {tokens['length_p90']}, "
-        f"p99 {tokens['length_p99']}, max {tokens['length_max']}"
-    )
-    lines.append(
-        f"truncated to --max_length {tokens['max_length']}: {tokens['truncated']:,} "
-        f"(dropped for it, no supervised token left: {tokens['dropped_after_truncation']:,})"
-    )
-    if "splits" in report:
-        splits = report["splits"]
-        lines.append(f"train {splits['train']:,} / eval {splits['eval']:,} conversations"
-                     + (f" (eval from {splits['eval_from']})" if splits["eval_from"] else ""))
-    if report.get("ignored_files"):
-        lines.append(f"ignored (not a data file): {', '.join(report['ignored_files'])}")
-    if "packing" in report:
-        packing = report["packing"]
-        lines.append(
-            f"packing: {packing['conversations']:,} conversations in {packing['rows']:,} rows of at most "
-            f"{packing['max_length']:,} tokens, efficiency {packing['efficiency']:.1%} (real tokens / rows x max_length)"
-        )
-    if "cache" in report and report["cache"]["path"]:
-        lines.append(f"cache: {'reused' if report['cache']['reused'] else 'written'} {report['cache']['path']}")
-    return "\n".join(lines)
-
-
-def write_data_report(report: dict, output_dir: str) -> str:
-    """Writes `output_dir/data_report.json`; returns its path."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "data_report.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
-    return path

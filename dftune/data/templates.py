@@ -1,7 +1,7 @@
 """Chat templates: the built-in ChatML template, `--chat_template` (a file or a built-in name), and
 `ChatRenderer`, which renders conversations (with `tools=` and `--chat_template_kwargs`) the way
 `apply_chat_template(tokenize=False)` does, faster. Which rendered characters are supervised is
-data_masking's business.
+spans.py's business.
 """
 
 from __future__ import annotations

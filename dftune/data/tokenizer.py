@@ -20,7 +20,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from dftune.data.masking import template_kwargs
+from dftune.data.spans import template_kwargs
 from dftune.data.templates import BUILTIN_CONTROL_TOKENS, ChatRenderer, ensure_chat_template
 
 logger = logging.getLogger("dft.tokenizer")

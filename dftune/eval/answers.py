@@ -1,6 +1,7 @@
 """Answer extraction and matching for generation evaluation: is a model's output the reference answer?
 
-Matchers (`--eval_answer_match`):
+Matchers (`--eval_answer_match`), one entry each in MATCHER_TABLE at the end of this file (a new matcher
+is one entry there, an extract and a compare function, plus its test):
     math         the content of the last \\boxed{...}, else the last number in the output; compared
                  numerically with the reference's (tolerant of `1,000`, `1000.0`, `$`, `%`, `3/4`);
                  non-numeric boxed answers compare as text without spaces and `$`.
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
-MATCHERS = ("math", "exact", "contains", "choice", "regex:<pattern>")
 THINK_END = "</think>"
 
 # A number as people write it: sign, currency, thousands separators, decimals, percent, simple fraction.
@@ -29,55 +30,6 @@ _NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+
 _CHOICE_STATED = re.compile(r"answer\s*(?:is|:)?\s*:?\s*\(?\**([A-Z])\b\)?", re.IGNORECASE)
 _CHOICE_LEADING = re.compile(r"^\s*\(?([A-Z])(?:[).:]|\s*$)")
 _CHOICE_ANY = re.compile(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])")
-
-
-@dataclass(frozen=True)
-class AnswerMatcher:
-    """One parsed `--eval_answer_match` value: its kind and, for regex, the compiled pattern."""
-
-    kind: str
-    pattern: re.Pattern | None = None
-
-    def extract(self, output: str) -> str | None:
-        """The answer this matcher reads from a model output (None when there is none)."""
-        text = answer_region(output)
-        if self.kind == "math":
-            return extract_math(text)
-        if self.kind == "choice":
-            return extract_choice(text)
-        if self.kind == "regex":
-            found = self.pattern.search(text)
-            if found is None:
-                return None
-            return found.group(1) if self.pattern.groups else found.group(0)
-        return normalize_text(text)  # exact, contains: the whole answer region
-
-    def is_correct(self, extracted: str | None, reference: str) -> bool:
-        if extracted is None:
-            return False
-        if self.kind == "math":
-            return math_equal(extracted, math_reference(reference))
-        if self.kind == "choice":
-            return extracted == (extract_choice(reference) or reference.strip().upper())
-        if self.kind == "contains":
-            return normalize_text(reference) in extracted
-        return normalize_text(extracted) == normalize_text(reference)  # exact, regex
-
-
-def parse_matcher(spec: str) -> AnswerMatcher:
-    """`math`, `exact`, `contains`, `choice` or `regex:<pattern>`.
-
-    Raises:
-        ValueError: an unknown matcher, or a pattern that does not compile (the message names the flag).
-    """
-    if spec.startswith("regex:"):
-        try:
-            return AnswerMatcher("regex", re.compile(spec[len("regex:"):]))
-        except re.error as err:
-            raise ValueError(f"--eval_answer_match {spec}: the pattern does not compile ({err}).") from None
-    if spec in ("math", "exact", "contains", "choice"):
-        return AnswerMatcher(spec)
-    raise ValueError(f"--eval_answer_match {spec}: unknown; use one of {', '.join(MATCHERS)}.")
 
 
 def answer_region(output: str) -> str:
@@ -161,3 +113,77 @@ def extract_choice(text: str) -> str | None:
     # Standalone capitals; "I" and "A" as words are too common to count unless parenthesised.
     candidates = [m for m in _CHOICE_ANY.finditer(text) if m.group(0).startswith("(") or m.group(1) not in "IA"]
     return candidates[-1].group(1) if candidates else None
+
+
+# ---- the matchers ------------------------------------------------------------------------------------------
+def _regex_extract(text: str, pattern: re.Pattern | None) -> str | None:
+    found = pattern.search(text)
+    if found is None:
+        return None
+    return found.group(1) if pattern.groups else found.group(0)
+
+
+@dataclass(frozen=True)
+class MatcherKind:
+    """One kind of `--eval_answer_match`: how the answer is read from an output and compared with a reference."""
+
+    name: str
+    help: str
+    extract: Callable[[str, re.Pattern | None], str | None]  # (answer region, pattern) -> answer or None
+    is_correct: Callable[[str, str], bool]  # (extracted, reference) -> correct
+    takes_pattern: bool = False  # written `name:<pattern>`
+
+
+def _same_text(extracted: str, reference: str) -> bool:
+    return normalize_text(extracted) == normalize_text(reference)
+
+
+MATCHER_TABLE: dict[str, MatcherKind] = {kind.name: kind for kind in (
+    MatcherKind("math", "last number or \\boxed{}, compared numerically",
+                lambda text, _: extract_math(text), lambda got, ref: math_equal(got, math_reference(ref))),
+    MatcherKind("exact", "whitespace/case-normalised", lambda text, _: normalize_text(text), _same_text),
+    MatcherKind("contains", "the reference occurs in the output",
+                lambda text, _: normalize_text(text), lambda got, ref: normalize_text(ref) in got),
+    MatcherKind("choice", "a multiple-choice letter", lambda text, _: extract_choice(text),
+                lambda got, ref: got == (extract_choice(ref) or ref.strip().upper())),
+    MatcherKind("regex", "its first group", _regex_extract, _same_text, takes_pattern=True),
+)}
+MATCHERS = tuple(f"{name}:<pattern>" if kind.takes_pattern else name for name, kind in MATCHER_TABLE.items())
+
+
+def matcher_help() -> str:
+    """--eval_answer_match's list of choices, from the table."""
+    return ", ".join(f"{name} ({kind.help})" for name, kind in zip(MATCHERS, MATCHER_TABLE.values()))
+
+
+@dataclass(frozen=True)
+class AnswerMatcher:
+    """One parsed `--eval_answer_match` value: its kind and, for one that takes a pattern, the compiled pattern."""
+
+    kind: str
+    pattern: re.Pattern | None = None
+
+    def extract(self, output: str) -> str | None:
+        """The answer this matcher reads from a model output (None when there is none)."""
+        return MATCHER_TABLE[self.kind].extract(answer_region(output), self.pattern)
+
+    def is_correct(self, extracted: str | None, reference: str) -> bool:
+        return extracted is not None and MATCHER_TABLE[self.kind].is_correct(extracted, reference)
+
+
+def parse_matcher(spec: str) -> AnswerMatcher:
+    """A name of MATCHER_TABLE, or `name:<pattern>` for one that takes a pattern (`regex:<pattern>`).
+
+    Raises:
+        ValueError: an unknown matcher, or a pattern that does not compile (the message names the flag).
+    """
+    name, has_pattern, pattern = spec.partition(":")
+    kind = MATCHER_TABLE.get(name)
+    if kind is not None and kind.takes_pattern and has_pattern:
+        try:
+            return AnswerMatcher(name, re.compile(pattern))
+        except re.error as err:
+            raise ValueError(f"--eval_answer_match {spec}: the pattern does not compile ({err}).") from None
+    if kind is not None and not kind.takes_pattern and not has_pattern:
+        return AnswerMatcher(name)
+    raise ValueError(f"--eval_answer_match {spec}: unknown; use one of {', '.join(MATCHERS)}.")

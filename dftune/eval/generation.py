@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from dftune.data.masking import fold_system_prompt
-from dftune.eval.answers import MATCHERS, AnswerMatcher, parse_matcher
+from dftune.data.spans import fold_system_prompt
+from dftune.eval.answers import MATCHERS, AnswerMatcher, matcher_help, parse_matcher
 
 logger = logging.getLogger("dft.eval")
 
@@ -64,9 +64,8 @@ class GenerationEvalArguments:
     eval_answer_match: str = field(
         default="math",
         metadata={
-            "help": "How an output is checked against `answer`: math (last number or \\boxed{}, compared numerically), "
-            "exact (whitespace/case-normalised), contains, choice (a multiple-choice letter), or regex:<pattern> "
-            "(its first group). The answer is searched after </think> when present."
+            "help": f"How an output is checked against `answer`: {matcher_help()}. "
+            "The answer is searched after </think> when present."
         },
     )
     eval_generation_samples: int = field(

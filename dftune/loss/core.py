@@ -17,8 +17,9 @@ stop-gradient, which is what makes DFT differ from a loss of `-p_t log p_t`.
 over the supervised rows of the model's logits) and `--loss_impl chunked` (loss/chunked.py, over
 chunks of rows formed from hidden states) call it with a block of fp32 logits and get back the
 per-token objective, the metric sums and the gradient with respect to those logits, computed in place
-(no second softmax, no autograd graph over vocabulary-sized tensors). A new weight signal is one
-function in WEIGHT_SIGNALS; a new anchor is a value and its gradient in `_anchor_kl`.
+(no second softmax, no autograd graph over vocabulary-sized tensors). A new variant (its weight signal
+and its flags) is one entry in variants.py's LOSS_VARIANTS; a new anchor is a value and its gradient
+in `_anchor_kl`.
 
 Besides the loss each function returns detached sums (never averages) in STAT_FIELDS order that the
 trainer accumulates over a logging window and all ranks before it divides once.
@@ -26,14 +27,17 @@ trainer accumulates over a logging window and all ranks before it divides once.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from dftune.loss.variants import KL_DIRECTIONS, LOSS_VARIANTS, loss_types
+
 IGNORE_INDEX = -100
-LOSS_TYPES = ("dft", "sft", "asft", "eaft")
-KL_DIRECTIONS = ("forward", "reverse")
+LOSS_TYPES = loss_types()  # the table's names (variants.py)
+__all__ = ["IGNORE_INDEX", "KL_DIRECTIONS", "LOSS_TYPES", "STAT_FIELDS", "DFTLossOutput", "LossSpec", "dft_loss_from_logits",
+           "metrics_from_stats", "shift_labels", "token_terms"]
 LOW_P_THRESHOLD = 0.1  # tokens the DFT weight nearly ignores (p < 0.1 means w < 0.1)
 
 # Order of the entries of a stats vector; the trainer sums these vectors across steps and ranks.
@@ -51,11 +55,22 @@ class LossSpec:
     anchor_kl_direction: str = "forward"
     eaft_top_k: int = 20
     eaft_power: float = 1.0
+    # Flags of variants added to variants.py after these fields, as (name, value) pairs: see `param`.
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def anchored(self) -> bool:
         """True when the loss needs the reference model's logits."""
-        return self.loss_type == "asft" and self.anchor_kl_coef > 0
+        return LOSS_VARIANTS[self.loss_type].needs_reference and self.anchor_kl_coef > 0
+
+    def param(self, name: str) -> Any:
+        """A variant flag's value: a field of this spec, else one of `options`."""
+        if name in self.__dataclass_fields__:
+            return getattr(self, name)
+        for key, value in self.options:
+            if key == name:
+                return value
+        raise KeyError(f"LossSpec has no {name!r} (fields, or options {[key for key, _ in self.options]})")
 
 
 def as_spec(spec: LossSpec | float) -> LossSpec:
@@ -83,28 +98,13 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[..., 1:], ignore_tail], dim=-1)
 
 
-# ---- weight signals: g_t in w_t = max(alpha * g_t + 1 - alpha, min_weight) ------------------------
-def _p_signal(p: torch.Tensor, logits: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """DFT: the probability of the target token. (c,) -> (c,)"""
-    return p
-
-
-def _topk_entropy_signal(p: torch.Tensor, logits: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """EAFT: entropy of the top-K distribution renormalised, over its maximum ln K, to a power. (c,)"""
-    k = min(int(spec.eaft_top_k), logits.shape[-1])
-    top = logits.topk(k, dim=-1).values  # (c, k)
-    log_q = top - torch.logsumexp(top, dim=-1, keepdim=True)  # (c, k)
-    entropy = -(log_q.exp() * log_q).sum(dim=-1)  # (c,)
-    return (entropy / math.log(k)).clamp(0.0, 1.0).pow(spec.eaft_power) if k > 1 else torch.ones_like(p)
-
-
-WEIGHT_SIGNALS = {"dft": _p_signal, "sft": _p_signal, "asft": _p_signal, "eaft": _topk_entropy_signal}
-
-
 def token_weight(spec: LossSpec, p: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """w_t (detached), (c,). `logits` (c, V) fp32, not yet modified in place."""
-    signal = WEIGHT_SIGNALS[spec.loss_type](p, logits, spec)
-    alpha = 0.0 if spec.loss_type == "sft" else float(spec.dft_alpha)
+    signal_of = LOSS_VARIANTS[spec.loss_type].weight_signal
+    if signal_of is None:  # plain cross-entropy: every weight 1 (but for the floor)
+        return torch.ones_like(p).clamp(min=float(spec.min_weight))
+    signal = signal_of(p, logits, spec)
+    alpha = float(spec.dft_alpha)
     return (alpha * signal + (1.0 - alpha)).clamp(min=float(spec.min_weight))
 
 

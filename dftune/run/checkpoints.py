@@ -37,6 +37,7 @@ from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
+from dftune.loss.variants import variant_flags
 from dftune.run.manifest import (  # noqa: F401  (re-exported: the marker is part of this module's interface)
     COMPLETE_MARKER,
     is_complete,
@@ -259,8 +260,9 @@ def add_checkpoint_callbacks(trainer) -> GracefulStopCallback:
 # What a resumed run must share with the run that wrote the checkpoint to be the same run: the loss, the
 # optimisation and the data order. transformers itself warns only about batch size and step intervals.
 RESUME_SETTINGS = (
-    "loss_type", "dft_alpha", "dft_min_weight", "dft_alpha_warmup_ratio", "anchor_kl_coef", "anchor_kl_direction",
-    "eaft_top_k", "eaft_power", "learning_rate", "lr_scheduler_type", "weight_decay", "gradient_accumulation_steps",
+    "loss_type", "dft_alpha", "dft_min_weight", "dft_alpha_warmup_ratio",
+    *(flag.name for _, flag in variant_flags()),  # every loss variant's own flags (dftune/loss/variants.py)
+    "learning_rate", "lr_scheduler_type", "weight_decay", "gradient_accumulation_steps",
     "seed", "data_seed",
 )
 

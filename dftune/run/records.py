@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from dftune.paths import CHECKOUT_DIR
 from dftune.run.logs import format_duration
 from dftune.run.plots import CURVES_FILE, RunCurves, plot_runs, run_label
-from dftune.run.trackers import close_trackers, setup_tensorboard, start_swanlab, start_wandb
+from dftune.run.trackers import close_trackers, start_trackers
 
 logger = logging.getLogger("dft.tracking")
 
@@ -398,13 +398,7 @@ class RunRecorder:
             path = os.path.join(args.output_dir, RUN_CONFIG_FILE)
             write_json(path, run_config)
             logger.info("run configuration in %s (git %s)", path, run_config["git_commit"])
-        report_to = set(args.report_to or [])
-        if "swanlab" in report_to and start_swanlab(trainer, run_config):
-            recorder.trackers.append("swanlab")
-        if "wandb" in report_to and start_wandb(trainer, run_config):
-            recorder.trackers.append("wandb")
-        if "tensorboard" in report_to:
-            setup_tensorboard(trainer, run_config)
+        recorder.trackers = start_trackers(trainer, run_config)  # dftune/run/trackers.py's table
         trainer.add_callback(recorder.session)
         return recorder
 

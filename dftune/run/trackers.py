@@ -1,5 +1,9 @@
 """Experiment trackers: starting the runs that get our run configuration, and closing them with the summary.
 
+TRACKERS at the end of this file has one entry per tracker this project starts itself (a start and a close
+function); a new tracker is one entry there plus its test. Any other `--report_to` name that transformers
+knows still works through transformers' own callback.
+
 Trackers (`--report_to swanlab wandb tensorboard`, any subset) get the same run configuration. Only rank 0
 creates a tracker run. transformers' own SwanLab callback calls `swanlab.get_run()`, which raises
 "No active Run" in swanlab >= 0.8 before any run exists; it is replaced by swanlab's own integration
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import TrainerCallback
@@ -78,7 +84,7 @@ def start_wandb(trainer, run_config: dict) -> bool:
     return True
 
 
-def setup_tensorboard(trainer, run_config: dict) -> None:
+def setup_tensorboard(trainer, run_config: dict) -> bool:
     """Events go to --logging_dir, and the run configuration goes along as text.
 
     transformers reads the TensorBoard directory from an environment variable that the *first* arguments
@@ -90,6 +96,7 @@ def setup_tensorboard(trainer, run_config: dict) -> None:
             if trainer.args.logging_dir:
                 callback.logging_dir = trainer.args.logging_dir
             trainer.add_callback(RunConfigToTensorBoard(callback, run_config))
+    return False  # transformers' callback owns the writer and closes it
 
 
 class RunConfigToTensorBoard(TrainerCallback):
@@ -106,21 +113,53 @@ class RunConfigToTensorBoard(TrainerCallback):
             writer.add_text("run_config", "```\n" + json.dumps(self.run_config, indent=2, default=str) + "\n```")
 
 
+def close_wandb(numbers: dict, plain_summary: dict) -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.summary.update({f"run_summary/{k}": v for k, v in numbers.items()})
+        wandb.finish()
+
+
+def close_swanlab(numbers: dict, plain_summary: dict) -> None:
+    import swanlab
+
+    if swanlab.has_run():
+        swanlab.config.update({"run_summary": plain_summary})
+        swanlab.finish()
+
+
+# ---- the table ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tracker:
+    """A tracker this project sets up itself when `--report_to` names it."""
+
+    name: str
+    # Called on every rank once the trainer exists; True when it started a run here that `close` must finish.
+    start: Callable[[Any, dict], bool]
+    # Called on rank 0 after training: (the summary's numbers, the whole summary as plain JSON values).
+    close: Callable[[dict, dict], None] | None = None
+
+
+TRACKERS: dict[str, Tracker] = {tracker.name: tracker for tracker in (
+    Tracker("swanlab", start_swanlab, close_swanlab),
+    Tracker("wandb", start_wandb, close_wandb),
+    Tracker("tensorboard", setup_tensorboard),
+)}
+
+
+def start_trackers(trainer, run_config: dict) -> list[str]:
+    """Starts the trackers of TRACKERS that --report_to names; returns those whose runs must be closed."""
+    report_to = set(trainer.args.report_to or [])
+    return [name for name, tracker in TRACKERS.items() if name in report_to and tracker.start(trainer, run_config)]
+
+
 def close_trackers(trackers: list[str], summary: dict, plain_summary: dict) -> None:
     """Adds the run summary to the tracker runs started here and finishes them (rank 0)."""
     numbers = {
         key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
     numbers["peak_memory_gib"] = summary["peak_memory"]["peak_gib"]
-    if "wandb" in trackers:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.run.summary.update({f"run_summary/{k}": v for k, v in numbers.items()})
-            wandb.finish()
-    if "swanlab" in trackers:
-        import swanlab
-
-        if swanlab.has_run():
-            swanlab.config.update({"run_summary": plain_summary})
-            swanlab.finish()
+    for name in trackers:
+        if TRACKERS[name].close is not None:
+            TRACKERS[name].close(numbers, plain_summary)

@@ -1,0 +1,334 @@
+"""The whole pipeline, cached: many files in, one clean tokenised dataset out, every skipped record counted.
+
+Pipeline (`build_datasets`):
+  1. resolve  `--data_files` files, directories and globs -> a sorted list of data files; each is checked
+              at once (exists, not empty, JSON or Parquet) so a bad path fails before any work (files.py).
+  2. read     record by record (files.iter_records).
+  3. normalise every record to one fixed schema {"messages": [...], "tools", "source", "line"},
+              or skip it with a reason (formats.normalize_record).
+  4. tokenise with the tokenizer's chat template and assistant-only labels (spans.py, encoding.py, `datasets.map`,
+              `num_proc` workers), drop conversations left with no supervised token, count them against their file.
+  5. cache    the result on disk under a fingerprint of files, tokenizer, template, settings and the code.
+  6. report   per file and reason, with file:line examples (report.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections import Counter
+
+import numpy as np
+
+from dftune.data.encoding import ConversationTokenizer
+from dftune.data.files import BrokenLine, DataError, check_data_file, iter_records, resolve_data_files
+from dftune.data.formats import FormatOptions, normalize_record
+from dftune.data.report import FileReport, _token_summary, _totals
+from dftune.data.spans import MaskingOptions
+from dftune.data.templates import BUILTIN_TEMPLATES, _template_of, ensure_chat_template
+
+logger = logging.getLogger(__name__)
+
+def read_file_records(path: str, source: int, strict: bool, split: str = "train",
+                      formats: FormatOptions | None = None) -> tuple[list[dict], FileReport]:
+    """Reads and normalises one file: rows {"messages", "tools", "source", "line"} plus its FileReport.
+
+    Raises:
+        DataError: the file holds no JSON record at all; with `strict`, the first invalid record.
+    """
+    report = FileReport(path=path, split=split)
+    rows: list[dict] = []
+    json_seen = False
+    for line_number, record, error in iter_records(path):
+        report.read += 1
+        if error is None:
+            json_seen = True
+            conversation, error = normalize_record(record, formats)
+        where = f"{path}:{line_number}"
+        if error is not None:
+            if strict:
+                detail = f" ({error.detail})" if isinstance(error, BrokenLine) else ""
+                raise DataError(f"{where}: {error}{detail}; fix the record or drop --strict_data to skip such records")
+            report.skip(error, where)
+            continue
+        report.kept += 1
+        rows.append({**conversation, "source": source, "line": line_number})
+    if not json_seen:
+        raise DataError(f"{path}: no JSON record could be read; is this a JSON/JSONL file?")
+    return rows, report
+
+
+def load_conversations(paths: list[str], strict: bool = False, formats: FormatOptions | None = None) -> tuple[list[dict], list[FileReport]]:
+    """Reads ChatML/ShareGPT records from data files (or directories/globs) into normalised rows.
+
+    Returns ([{"messages", "tools", "source", "line"}], [FileReport per file]); `source` indexes the reports.
+
+    Raises:
+        DataError: a path or file is bad (see `resolve_data_files`, `check_data_file`); with `strict`,
+            the first invalid record.
+    """
+    files, _ = resolve_data_files(paths)
+    for path in files:
+        check_data_file(path)
+    conversations: list[dict] = []
+    reports: list[FileReport] = []
+    for source, path in enumerate(files):
+        rows, report = read_file_records(path, source, strict, formats=formats)
+        conversations.extend(rows)
+        reports.append(report)
+    return conversations, reports
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "messages": List({"role": Value("string"), "content": Value("string"), "reasoning_content": Value("string"),
+                              "tool_calls": Value("string"), "name": Value("string"), "loss": Value("bool")}),
+            "tools": Value("string"),
+            "source": Value("int32"),
+            "line": Value("int64"),
+        }
+    )
+
+
+PIPELINE_MODULES = ("files.py", "formats.py", "templates.py", "spans.py", "encoding.py", "build.py", "report.py")
+
+
+def _pipeline_code_hash() -> str:
+    """Changing any pipeline module (reading, formats, masking, building) invalidates every cached dataset."""
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in PIPELINE_MODULES:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256()
+    digest.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(_template_of(tokenizer).encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(train_files: list[str], eval_files: list[str], tokenizer, max_length: int, strict: bool,
+                     encoder: ConversationTokenizer | None = None, formats: FormatOptions | None = None) -> str:
+    """Key of a cached tokenised dataset: the files (path, size, mtime), tokenizer, template, settings, code,
+    and a probe conversation rendered now (a template that writes today's date renders differently tomorrow)."""
+    encoder = encoder or ConversationTokenizer(tokenizer, max_length)
+    state = {
+        "masking": repr(encoder.options),
+        "formats": repr(formats or FormatOptions()),
+        "rendering": encoder.probe_rendering(),
+        "code": _pipeline_code_hash(),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+        "strict": strict,
+        "files": {
+            split: [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
+            for split, files in (("train", train_files), ("eval", eval_files))
+        },
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> str:
+    from datasets import config
+
+    return os.path.join(str(config.HF_DATASETS_CACHE), "dft_trainer")
+
+
+def _tokenise_files(files: list[str], split: str, first_source: int, strict: bool, encoder: ConversationTokenizer,
+                    num_proc: int | None, reports: list[FileReport], formats: FormatOptions | None = None):
+    """Reads, normalises, merges and tokenises one split; updates `reports`; returns (dataset, stats)."""
+    from datasets import Dataset, concatenate_datasets
+
+    per_file = []
+    for offset, path in enumerate(files):
+        rows, report = read_file_records(path, first_source + offset, strict, split, formats)
+        reports.append(report)
+        if rows:  # one fixed schema per file, so the merge below never meets a type conflict
+            per_file.append(Dataset.from_list(rows, features=_features()))
+    stats = {"tokens": 0, "supervised_tokens": 0, "truncated": 0, "lengths": np.zeros(0, dtype=np.int64)}
+    if not per_file:
+        return None, stats
+    merged = concatenate_datasets(per_file)
+    workers = num_proc if num_proc and num_proc > 1 and len(merged) >= 2 * num_proc else None
+    tokenised = merged.map(
+        encoder.to_arrow,
+        batched=True,
+        batch_size=500,
+        num_proc=workers,
+        remove_columns=merged.column_names,
+        new_fingerprint=f"dft-tokenise-{uuid.uuid4().hex}",  # our own cache decides reuse, not datasets'
+        desc=f"Tokenising {split} conversations",
+    )
+    table = tokenised.select_columns(["drop_reason", "source", "line", "truncated", "length", "supervised", "extra", "notes", "lost_examples"]).to_dict()
+    drop_reasons = table["drop_reason"]
+    kept_indices = []
+    for index, reason in enumerate(drop_reasons):
+        report = reports[table["source"][index]]
+        if reason:
+            report.kept -= 1
+            report.skip(reason, f"{report.path}:{table['line'][index]}")
+            continue
+        kept_indices.append(index)
+        report.examples_lost_to_truncation += table["lost_examples"][index]
+        if table["extra"][index]:  # a further example of a record already counted as kept
+            report.extra_examples += 1
+        elif table["notes"][index]:
+            report.adjusted.update(table["notes"][index].split(";"))
+    lengths = np.asarray(table["length"], dtype=np.int64)[kept_indices]
+    stats = {
+        "tokens": int(lengths.sum()),
+        "supervised_tokens": int(np.asarray(table["supervised"], dtype=np.int64)[kept_indices].sum()),
+        "truncated": int(sum(table["truncated"])),
+        "lengths": lengths,
+    }
+    dataset = tokenised.select(kept_indices).select_columns(["input_ids", "labels", "length"])
+    return dataset, stats
+
+
+def _build_and_save(cache_path: str | None, train_files, eval_files, strict, encoder, num_proc, formats=None) -> dict:
+    """Builds the tokenised splits and their report; saves them atomically under `cache_path`."""
+    reports: list[FileReport] = []
+    train, train_stats = _tokenise_files(train_files, "train", 0, strict, encoder, num_proc, reports, formats)
+    evaluation, eval_stats = (None, None)
+    if eval_files:
+        evaluation, eval_stats = _tokenise_files(eval_files, "eval", len(train_files), strict, encoder, num_proc, reports, formats)
+    report = {
+        "files": [r.to_dict() for r in reports],
+        "tokens": _token_summary([s for s in (train_stats, eval_stats) if s], reports, encoder.max_length),
+    }
+    built = {"train": train, "eval": evaluation, "report": report}
+    usable = train is not None and len(train) > 0 and (not eval_files or (evaluation is not None and len(evaluation) > 0))
+    if cache_path is None or not usable:  # never cache a result the run refuses: the next run must say why again
+        return built
+    staging = f"{cache_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.makedirs(staging)
+    for split in ("train", "eval"):
+        if built[split] is not None:
+            built[split].save_to_disk(os.path.join(staging, split))
+    with open(os.path.join(staging, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, ensure_ascii=False)
+    try:
+        os.rename(staging, cache_path)  # atomic: a reader never sees half an entry
+    except OSError:  # another node's main process got there first; its entry is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return _load_cached(cache_path)
+
+
+def _load_cached(cache_path: str) -> dict:
+    from datasets import load_from_disk
+
+    with open(os.path.join(cache_path, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    splits = {split: load_from_disk(os.path.join(cache_path, split)) if os.path.isdir(os.path.join(cache_path, split)) else None
+              for split in ("train", "eval")}
+    return {**splits, "report": report}
+
+
+def _load_cached_or_remove(cache_path: str) -> dict | None:
+    """The cached entry; None when it cannot be read whole (a copy cut short, a full disk, a file lost):
+    then it is reported in one warning and removed, to be built again."""
+    try:
+        built = _load_cached(cache_path)
+        for split in ("train", "eval"):
+            if built[split] is not None:
+                built[split].data.validate()  # the Arrow structure: offsets and lengths agree
+        rows = sum(len(built[split]) for split in ("train", "eval") if built[split] is not None)
+        if rows != built["report"]["tokens"]["conversations"]:
+            raise ValueError(f"{rows} conversations, {built['report']['tokens']['conversations']} when written")
+        return built
+    except Exception as err:  # json, pyarrow and datasets each raise their own types for damaged files
+        reason = (str(err).strip().splitlines() or [""])[0]
+        logger.warning("the tokenised data cached in %s is damaged (%s: %s); tokenising again", cache_path, type(err).__name__, reason)
+        shutil.rmtree(cache_path, ignore_errors=True)
+        return None
+
+
+def build_datasets(data_args, tokenizer, training_args):
+    """Loads, validates, tokenises (or reuses the cached result) and splits the training data.
+
+    Returns (train_dataset, eval_dataset_or_None, report) where `report` is the JSON-ready data report
+    (per-file read/kept/skipped by reason with examples, token counts, length percentiles, cache,
+    split sizes); `format_data_report` turns it into the table rank 0 logs.
+
+    Raises:
+        DataError: a path or file is bad; with --strict_data, the first invalid record; no
+            conversation is left to train on; the validation split would be empty.
+    """
+    builtin = ensure_chat_template(tokenizer, getattr(data_args, "chat_template", None))
+    builtin = builtin or next((name for name, text in BUILTIN_TEMPLATES.items() if tokenizer.chat_template == text), None)
+    formats = FormatOptions(dpo_chosen_as_sft=getattr(data_args, "dpo_chosen_as_sft", False))
+    encoder = ConversationTokenizer(tokenizer, data_args.max_length, MaskingOptions.from_args(data_args))
+    train_files, ignored = resolve_data_files(data_args.data_files, "--data_files")
+    eval_files, eval_ignored = resolve_data_files(data_args.eval_data_files, "--eval_data_files") if data_args.eval_data_files else ([], [])
+    for path in train_files + eval_files:  # on every rank, so a bad file stops all of them at once
+        check_data_file(path)
+    cache_root = getattr(data_args, "data_cache_dir", None)
+    cache_path = None
+    if cache_root != "none":
+        cache_root = cache_root or default_cache_dir()
+        os.makedirs(cache_root, exist_ok=True)
+        fingerprint = data_fingerprint(train_files, eval_files, tokenizer, data_args.max_length, data_args.strict_data, encoder, formats)
+        cache_path = os.path.join(cache_root, fingerprint)
+    first = training_args.main_process_first(desc="data preprocessing") if training_args is not None else contextlib.nullcontext()
+    with first:
+        built = _load_cached_or_remove(cache_path) if cache_path is not None and os.path.isdir(cache_path) else None
+        reused = built is not None
+        if reused:
+            logger.info("reusing the tokenised data cached in %s", cache_path)
+        else:
+            built = _build_and_save(cache_path, train_files, eval_files, data_args.strict_data, encoder,
+                                    data_args.preprocessing_num_workers, formats)
+    report, train_dataset, eval_dataset = built["report"], built["train"], built["eval"]
+    report["ignored_files"] = ignored + eval_ignored
+    report["chat_template"] = (f"built-in {builtin}" if builtin else getattr(data_args, "chat_template", None) or "tokenizer's own")
+    report["masking"] = {"train_on_turns": encoder.options.train_on_turns, "chat_template_kwargs": dict(encoder.options.chat_template_kwargs)}
+    report["cache"] = {"path": cache_path, "reused": reused}
+    if train_dataset is None or len(train_dataset) == 0:
+        skipped = Counter()
+        for file_report in report["files"]:
+            skipped.update(file_report["skipped_by_reason"])
+        raise DataError(f"{', '.join(train_files)}: no usable conversation left (skipped: {dict(skipped)}); check the data "
+                        "with dft-inspect")
+    if eval_files and (eval_dataset is None or len(eval_dataset) == 0):
+        raise DataError(f"{', '.join(eval_files)}: no usable evaluation conversation left (see the report); "
+                        "check --eval_data_files")
+    eval_source = "--eval_data_files" if eval_files else None
+    if eval_dataset is None and data_args.validation_split_percentage > 0:
+        if len(train_dataset) < 2:
+            raise DataError(f"--validation_split_percentage {data_args.validation_split_percentage}: only "
+                            f"{len(train_dataset)} conversation, nothing left to hold out; set it to 0")
+        seed = training_args.seed if training_args is not None else 42
+        train_dataset, eval_dataset = split_for_validation(train_dataset, data_args.validation_split_percentage, seed)
+        eval_source = f"--validation_split_percentage {data_args.validation_split_percentage}"
+    report["splits"] = {"train": len(train_dataset), "eval": len(eval_dataset) if eval_dataset is not None else 0, "eval_from": eval_source}
+    report["totals"] = _totals(report["files"])
+    return train_dataset, eval_dataset, report
+
+
+def split_for_validation(dataset, percentage: float, seed: int):
+    """(train, eval): a random `percentage` of the rows (rounded up) held out, the same ones for the same seed.
+
+    The row indices live in memory (datasets' train_test_split would write index files into the cache entry).
+    """
+    held_out = math.ceil(len(dataset) * percentage / 100)
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return (dataset.select(np.sort(order[held_out:]), keep_in_memory=True),
+            dataset.select(np.sort(order[:held_out]), keep_in_memory=True))

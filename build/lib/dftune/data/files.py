@@ -1,0 +1,249 @@
+"""Finding and reading data files: `--data_files` specs -> data files -> (line, record) pairs.
+
+  resolve_data_files  files, directories (recursively) and globs -> a sorted list of data files
+  check_data_file     fails at once on a file that is missing, empty or not JSON/Parquet (head only)
+  iter_records        .jsonl / .json (array or JSON lines) / .jsonl.gz / .json.gz / .parquet, record by record,
+                      with real line numbers; a broken JSON line is yielded as a `BrokenLine` reason
+
+What a record means is `data_formats`' business; this module only gets records out of files.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+PARQUET_SUFFIXES = (".parquet",)
+DATA_SUFFIXES = JSON_SUFFIXES + PARQUET_SUFFIXES
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line and what to do."""
+
+
+
+def resolve_data_files(specs: list[str], flag: str = "--data_files") -> tuple[list[str], list[str]]:
+    """Expands files, directories (recursively) and globs into data files, in a stable order.
+
+    Returns (data_files, ignored) where `ignored` lists files found in directories or globs whose
+    suffix is not a data format (reported, never read). A file named explicitly must have a data suffix.
+
+    Raises:
+        DataError: a path does not exist, a glob or directory yields no data file, or an explicitly
+            named file has an unsupported suffix.
+    """
+    files: list[str] = []
+    ignored: list[str] = []
+
+    def add_directory(directory: str) -> int:
+        found = 0
+        for root, dirnames, filenames in os.walk(directory):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                path = os.path.join(root, name)
+                if name.endswith(DATA_SUFFIXES):
+                    files.append(path)
+                    found += 1
+                else:
+                    ignored.append(path)
+        return found
+
+    for spec in specs:
+        if glob.has_magic(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            found = 0
+            for path in matches:
+                if os.path.isdir(path):
+                    found += add_directory(path)
+                elif path.endswith(DATA_SUFFIXES):
+                    files.append(path)
+                    found += 1
+                else:
+                    ignored.append(path)
+            if not found:
+                raise DataError(f"{flag} {spec}: the pattern matches no {'/'.join(DATA_SUFFIXES)} file")
+        elif os.path.isdir(spec):
+            if not add_directory(spec):
+                raise DataError(f"{flag} {spec}: the directory holds no {'/'.join(DATA_SUFFIXES)} file")
+        elif os.path.exists(spec):
+            if not spec.endswith(DATA_SUFFIXES):
+                raise DataError(f"{spec}: unsupported data file type; use {', '.join(DATA_SUFFIXES)} ({flag})")
+            files.append(spec)
+        else:
+            raise DataError(f"{spec}: data file not found; check {flag}")
+    unique = list(dict.fromkeys(os.path.normpath(path) for path in files))
+    return unique, sorted(set(ignored) - set(unique))
+
+
+# Bytes that are not UTF-8 are decoded as lone surrogates (errors="surrogateescape"): the record holding
+# them is skipped with this reason, and the rest of the file is read.
+NOT_UTF8_TEXT = "not UTF-8 text"
+NOT_UTF8_CHARACTER = re.compile("[\udc80-\udcff]")
+
+
+def _open_text(path: str):
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def check_data_file(path: str) -> None:
+    """Fails at once on a file that is missing, empty, or not JSON/Parquet at all (reads only its head).
+
+    Raises:
+        DataError: naming the file and what is wrong with it.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data file not found; check --data_files")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: data file is empty; remove it from --data_files")
+    if path.endswith(PARQUET_SUFFIXES):
+        with open(path, "rb") as f:
+            if f.read(4) != b"PAR1":
+                raise DataError(f"{path}: not a Parquet file (no PAR1 header); fix it or remove it from --data_files")
+        return
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read(1 << 16)
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read the file ({err}); fix it or remove it from --data_files") from None
+    # An incremental decoder tolerates a character cut at the 64 KiB boundary. Some bytes that are not
+    # UTF-8 are bad records (skipped when read); a head in which no line parses is not a text file.
+    head = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape").decode(raw, final=False)
+    if NOT_UTF8_CHARACTER.search(head) and not head.lstrip().startswith("[") and not any(map(_parses, head.splitlines())):
+        raise DataError(f"{path}: not UTF-8 text, so not JSON; fix it or remove it from --data_files")
+    stripped = head.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: data file is empty (whitespace only); remove it from --data_files")
+    if stripped.startswith("["):
+        return
+    lines = head.splitlines()
+    complete = lines if len(raw) < (1 << 16) else lines[:-1]
+    if not complete and stripped.startswith("{"):
+        return  # one record longer than the head; the full read decides
+    for line in complete:
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            return
+        except json.JSONDecodeError:
+            continue
+    if stripped.startswith("{"):
+        return  # maybe one pretty-printed object; the full read decides
+    raise DataError(f"{path}: not JSON (no line of its first 64 KiB parses); expected JSON lines or a JSON array")
+
+
+def _parses(line: str) -> bool:
+    if NOT_UTF8_CHARACTER.search(line) or not line.strip():
+        return False
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+class BrokenLine(str):
+    """The skip reason of a line that is not JSON; the parser's message is kept for --strict_data only,
+    so the report groups all broken lines under one reason."""
+
+    def __new__(cls, detail: str):
+        reason = super().__new__(cls, "broken JSON line")
+        reason.detail = detail
+        return reason
+
+
+def _iter_json_array(path: str, text: str) -> Iterator[tuple[int, Any, str | None]]:
+    """Yields (line, element, None) for each element of a JSON array, with its real line number."""
+    decoder = json.JSONDecoder()
+    whitespace = re.compile(r"\s*")
+    index = whitespace.match(text, 0).end() + 1  # past '['
+    line, counted_to = 1, 0
+    while True:
+        index = whitespace.match(text, index).end()
+        if text.startswith("]", index):
+            return
+        line += text.count("\n", counted_to, index)
+        counted_to = index
+        start = index
+        try:
+            element, index = decoder.raw_decode(text, index)
+        except json.JSONDecodeError as err:
+            # Inside an array there is no way to resynchronise: the rest of the file is unreadable.
+            raise DataError(
+                f"{path}:{err.lineno}: broken JSON inside the array ({err.msg}); the rest of the file cannot be "
+                "read, fix it or remove it from --data_files"
+            ) from None
+        yield (line, None, NOT_UTF8_TEXT) if NOT_UTF8_CHARACTER.search(text, start, index) else (line, element, None)
+        index = whitespace.match(text, index).end()
+        if text.startswith(",", index):
+            index += 1
+        elif not text.startswith("]", index):
+            at_line = text.count("\n", 0, index) + 1
+            raise DataError(f"{path}:{at_line}: broken JSON inside the array (expected ',' or ']'); fix the file")
+
+
+def iter_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
+    """Yields (line_number, record_or_None, error_or_None) for every record of one data file.
+
+    JSON arrays and JSON lines are told apart by content, not suffix (a .json file may hold either).
+    Parquet rows are numbered from 1 like lines.
+
+    Raises:
+        DataError: the file cannot be read at all, or a JSON array is broken part-way.
+    """
+    if path.endswith(PARQUET_SUFFIXES):
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: cannot read the Parquet file ({err}); fix it or remove it from --data_files") from None
+        row = 0
+        for batch in parquet.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record, None
+        return
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot read the file ({err}); fix it or remove it from --data_files") from None
+    if text.lstrip().startswith("["):
+        yield from _iter_json_array(path, text)
+        return
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        # Not JSON lines from the first line on: maybe one pretty-printed record.
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+        else:
+            yield 1, record, None
+            return
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if NOT_UTF8_CHARACTER.search(line):
+            yield line_number, None, NOT_UTF8_TEXT
+            continue
+        try:
+            yield line_number, json.loads(line), None
+        except json.JSONDecodeError as err:
+            yield line_number, None, BrokenLine(f"{err.msg} at column {err.colno}")
+

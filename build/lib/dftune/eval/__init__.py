@@ -1,0 +1,1 @@
+"""Evaluation: answer matchers, generation evaluation, and the hooks DFTTrainer.evaluate runs."""

@@ -1,0 +1,1 @@
+"""Loading the tokenizer and model, and LoRA."""
