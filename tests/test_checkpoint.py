@@ -51,7 +51,7 @@ def test_latest_skips_half_written_and_picks_highest_complete(tmp_path, caplog):
     (tmp_path / "checkpoint-x").mkdir()
     (tmp_path / "checkpoint-14").write_text("a file, not a checkpoint")
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2, 4, 10, 12]
-    with caplog.at_level(logging.INFO, logger="checkpoints"):
+    with caplog.at_level(logging.INFO, logger="dft.checkpoints"):
         chosen = resolve_resume_checkpoint("latest", str(tmp_path))
     assert chosen == str(tmp_path / "checkpoint-10")
     assert str(half) in caplog.text and "incomplete" in caplog.text
@@ -73,7 +73,7 @@ def test_explicit_checkpoint_path(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="no trainer_state.json"):
         resolve_resume_checkpoint(str(tmp_path / "not-a-checkpoint"), str(tmp_path))
     plain = make_checkpoint(tmp_path, 5, complete=False)  # e.g. written by plain transformers
-    with caplog.at_level(logging.WARNING, logger="checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="dft.checkpoints"):
         assert resolve_resume_checkpoint(str(plain), str(tmp_path)) == str(plain)
     assert "half-written" in caplog.text
 

@@ -72,7 +72,7 @@ def test_latest_skips_a_damaged_checkpoint_naming_the_file(tmp_path, caplog, dam
         shard.write_bytes(shard.read_bytes()[:50])
     else:
         shard.unlink()
-    with caplog.at_level(logging.WARNING, logger="checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="dft.checkpoints"):
         chosen = resolve_resume_checkpoint("latest", str(tmp_path))
     assert chosen == str(tmp_path / "checkpoint-2")
     expected = {"same size": "checksum differs", "truncated": "50 bytes, 500 when saved", "missing": "is missing"}[damage]
@@ -215,7 +215,7 @@ def test_latest_resumes_from_the_newest_intact_checkpoint_from_a_real_run(uninte
     summary = train_dft.main(run_args(data_file, out) + ["--resume_from_checkpoint", "latest"])
     assert summary["steps"] == STEPS
     log = capsys.readouterr().err  # train_dft's own log handlers replace caplog's
-    assert f"WARNING [rank 0/1] checkpoints: skipping checkpoint {out / 'checkpoint-3'}: {damaged} is damaged" in log
+    assert f"WARNING [rank 0/1] dft.checkpoints: skipping checkpoint {out / 'checkpoint-3'}: {damaged} is damaged" in log
     assert f"resuming from {out / 'checkpoint-2'}" in log
     assert "differ from the run that wrote it" not in log  # the same flags: no warning
     assert step_losses(out / "checkpoint-3") == pytest.approx(step_losses(source / "checkpoint-3"), rel=1e-6)
@@ -233,7 +233,7 @@ def test_resuming_with_another_loss_names_the_changed_flags(uninterrupted, tmp_p
     train_dft.main(run_args(data_file, out) + ["--resume_from_checkpoint", "latest", "--loss_type", "sft", "--seed", "8"])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "differ from the run that wrote it" in line]
     assert len(warnings) == 1
-    assert (f"WARNING [rank 0/1] checkpoints: resuming {out / 'checkpoint-2'} with settings that differ from the run that "
+    assert (f"WARNING [rank 0/1] dft.checkpoints: resuming {out / 'checkpoint-2'} with settings that differ from the run that "
             "wrote it (--loss_type: now sft, checkpoint dft; --dft_alpha: now 0.0, checkpoint 1.0; --seed: now 8, checkpoint 7)") in warnings[0]
 
 

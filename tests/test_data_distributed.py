@@ -19,10 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = textwrap.dedent(
     """
     import json, os, sys
-    sys.path.insert(0, {root!r})
     from transformers import AutoTokenizer
     from dftune.arguments import DataArguments, DFTTrainingArguments
-    from data_utils import build_datasets
+    from dftune.data.build import build_datasets
 
     rank = int(os.environ["RANK"])
     training_args = DFTTrainingArguments(output_dir={out!r}, use_cpu=True, report_to=[], ddp_backend="gloo")

@@ -53,7 +53,7 @@ def test_a_damaged_cache_entry_is_reported_and_rebuilt(tmp_path, tiny_tokenizer,
             path.unlink()
     else:
         cut_short(entry / "report.json")
-    with caplog.at_level(logging.WARNING, logger="data_build"):
+    with caplog.at_level(logging.WARNING, logger="dft.data"):
         again, _, report = build(tmp_path, [data], tiny_tokenizer)
     assert f"the tokenised data cached in {entry} is damaged" in caplog.text and "tokenising again" in caplog.text
     assert report["cache"]["reused"] is False

@@ -124,9 +124,8 @@ def test_ranks_of_a_launch_leave_without_interpreter_teardown_and_keep_their_exi
     script = tmp_path / "probe.py"
     script.write_text(
         "import atexit, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import torch.distributed as dist\n"
-        "from distributed import run_as_script\n"
+        "from dftune.run.distributed import run_as_script\n"
         "def main():\n"
         "    dist.init_process_group('gloo')\n"
         "    atexit.register(print, 'finalised', flush=True)\n"

@@ -37,7 +37,6 @@ def _free_port() -> int:
 
 
 def _entry(argv: list[str]) -> None:
-    sys.path.insert(0, str(ROOT))
     import torch.distributed as dist
 
     if not dist.is_initialized():

@@ -33,7 +33,7 @@ from dftune.data.report import FileReport, _token_summary, _totals
 from dftune.data.spans import MaskingOptions
 from dftune.data.templates import BUILTIN_TEMPLATES, _template_of, ensure_chat_template
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("dft.data")
 
 def read_file_records(path: str, source: int, strict: bool, split: str = "train",
                       formats: FormatOptions | None = None) -> tuple[list[dict], FileReport]:

@@ -12,7 +12,7 @@ import os
 
 from dftune.data.files import DataError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("dft.data")
 
 # The ChatML template used when a tokenizer has none or `--chat_template chatml` is given: Qwen-style,
 # without the default system prompt; tools in the system turn, tool calls in <tool_call> tags, tool

@@ -47,7 +47,7 @@ from dftune.run.manifest import (  # noqa: F401  (re-exported: the marker is par
     write_marker,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("dft.checkpoints")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 EXIT_STOPPED_BY_SIGTERM = 128 + signal.SIGTERM

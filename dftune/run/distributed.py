@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("dft.distributed")
 
 
 def deepspeed_requested(argv: list[str]) -> bool:

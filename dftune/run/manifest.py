@@ -23,7 +23,7 @@ import time
 
 import xxhash
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("dft.checkpoints")
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKSUM = "xxh3_64"

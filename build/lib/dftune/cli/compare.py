@@ -149,10 +149,13 @@ def run_preset_small(argv: list[str]) -> dict:
         print("error: --preset small runs scripts/experiment_small.py, which is in the repository checkout only",
               file=sys.stderr)
         sys.exit(2)
-    sys.path.insert(0, os.path.dirname(script))  # it builds its base model with scripts/make_tiny_model.py
-    spec = importlib.util.spec_from_file_location("experiment_small", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = None
+    # It builds its base model with scripts/make_tiny_model.py, which it imports by name (as when run).
+    for name in ("make_tiny_model", "experiment_small"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(script), f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
     return module.main(argv)
 
 
