@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -71,10 +72,18 @@ def test_requirements_txt_and_pyproject_agree():
 
 @pytest.mark.integration
 def test_the_wheel_holds_every_sub_package_and_the_console_scripts(tmp_path):
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-                           capture_output=True, text=True, timeout=300, env=child_env())
+    # From a copy of the tracked files: setuptools builds in the source tree (build/, *.egg-info), where a
+    # module removed since an earlier build would still be picked up.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    source = tmp_path / "source"
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
+                            str(source)], capture_output=True, text=True, timeout=300, env=child_env())
     assert build.returncode == 0, build.stderr[-3000:]
-    (wheel,) = tmp_path.glob("dft_trainer-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("dft_trainer-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     packaged = {name for name in names if name.endswith(".py")}
     expected = {str(path.relative_to(ROOT)) for path in (ROOT / "dftune").rglob("*.py")} | {"train_dft.py"}

@@ -1,1 +1,0 @@
-"""Evaluation: answer matchers, generation evaluation, and the hooks DFTTrainer.evaluate runs."""

@@ -1,1 +1,0 @@
-"""Loading the tokenizer and model, and LoRA."""
