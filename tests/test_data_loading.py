@@ -9,6 +9,7 @@ import pytest
 
 from data_utils import (
     DataError,
+    build_datasets,
     check_data_file,
     iter_records,
     load_conversations,
@@ -220,3 +221,55 @@ def test_a_file_without_any_json_record_fails(tmp_path):
     check_data_file(str(path))  # looks like JSON at a glance ...
     with pytest.raises(DataError, match=rf"^{path}: no JSON record could be read"):
         load_conversations([str(path)])  # ... but no line of it is
+
+
+# ---- Hugging Face datasets ---------------------------------------------------------------------------------
+def _messages(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_a_save_to_disk_folder_is_read_as_data_through_the_same_report(tmp_path, tiny_tokenizer):
+    """A Dataset / DatasetDict folder from save_to_disk is one data source (not its Arrow and JSON files), its
+    rows counted and skipped as a file's lines are, and the cache key follows its content."""
+    from datasets import Dataset, DatasetDict
+
+    from dftune.arguments import DataArguments, DFTTrainingArguments
+    from dftune.data.files import source_fingerprint
+
+    rows = [{"messages": _messages(f"What is {i} plus 1?", f"{i + 1}.")} for i in range(5)] + [{"messages": []}]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"train": Dataset.from_list(rows[:3]), "test": Dataset.from_list(rows[3:5])}).save_to_disk(str(tmp_path / "dict"))
+    files, ignored = resolve_data_files([str(tmp_path / "saved"), str(tmp_path / "dict")])
+    assert files == [str(tmp_path / "saved"), str(tmp_path / "dict" / "train")] and ignored == []
+    assert resolve_data_files([str(tmp_path / "dict")], "--eval_data_files")[0] == [str(tmp_path / "dict" / "test")]
+    assert resolve_data_files([str(tmp_path)])[0] == [str(tmp_path / "dict" / "test"), str(tmp_path / "dict" / "train"), str(tmp_path / "saved")]
+    assert [line for line, _, _ in iter_records(str(tmp_path / "saved"))] == [1, 2, 3, 4, 5, 6]
+
+    data_args = DataArguments(data_files=[str(tmp_path / "saved")], data_cache_dir=str(tmp_path / "cache"))
+    training_args = DFTTrainingArguments(output_dir=str(tmp_path / "out"), report_to=[])
+    train, _, report = build_datasets(data_args, tiny_tokenizer, training_args)
+    (file_report,) = report["files"]
+    assert len(train) == 5 and (file_report["read"], file_report["kept"], file_report["skipped"]) == (6, 5, 1)
+    assert file_report["examples"]["no messages"] == [f"{tmp_path / 'saved'}:6"]
+    before = source_fingerprint(str(tmp_path / "saved"))
+    Dataset.from_list(rows[:2]).save_to_disk(str(tmp_path / "saved2"))
+    assert source_fingerprint(str(tmp_path / "saved2")) != before
+
+
+def test_a_hub_dataset_name_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    files, _ = resolve_data_files(["HuggingFaceH4/no_robots:train_sft"])
+    assert files == ["HuggingFaceH4/no_robots:train_sft"]
+    with pytest.raises(DataError, match=r"^HuggingFaceH4/no_robots:train_sft: not a local file or folder, and the Hugging Face Hub is off "
+                                         r".*load_dataset\('HuggingFaceH4/no_robots', split='train_sft'\)\.save_to_disk\(DIR\)"):
+        check_data_file(files[0])
+    with pytest.raises(DataError, match="data file not found"):  # a missing file with a suffix stays a missing file
+        resolve_data_files(["org/missing.jsonl"])
+
+
+def test_a_saved_dataset_dict_without_the_split_names_its_splits(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"dev": Dataset.from_list([{"messages": _messages("a", "b")}])}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(DataError, match=r"--data_files .*/d: a saved DatasetDict without a train split \(it has dev\); name the split's folder"):
+        resolve_data_files([str(tmp_path / "d")])

@@ -27,7 +27,7 @@ from collections import Counter
 import numpy as np
 
 from dftune.data.encoding import ConversationTokenizer
-from dftune.data.files import BrokenLine, DataError, check_data_file, iter_records, resolve_data_files
+from dftune.data.files import BrokenLine, DataError, check_data_file, iter_records, resolve_data_files, source_fingerprint
 from dftune.data.formats import FormatOptions, normalize_record
 from dftune.data.report import FileReport, _token_summary, _totals
 from dftune.data.spans import MaskingOptions
@@ -139,7 +139,7 @@ def data_fingerprint(train_files: list[str], eval_files: list[str], tokenizer, m
         "max_length": max_length,
         "strict": strict,
         "files": {
-            split: [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
+            split: [source_fingerprint(p) for p in files]
             for split, files in (("train", train_files), ("eval", eval_files))
         },
     }

@@ -1,6 +1,8 @@
 """Finding and reading data files: `--data_files` specs -> data files -> (line, record) pairs.
 
-  resolve_data_files  files, directories (recursively) and globs -> a sorted list of data files
+  resolve_data_files  files, directories (recursively) and globs -> a sorted list of data files; a folder
+                      written by `datasets`' save_to_disk and a Hub dataset name (`org/name[:split]`)
+                      are data sources of their own
   check_data_file     fails at once on a file that is missing, empty or not JSON/Parquet (head only)
   iter_records        .jsonl / .json (array or JSON lines) / .jsonl.gz / .json.gz / .parquet, record by record,
                       with real line numbers; a broken JSON line is yielded as a `BrokenLine` reason
@@ -28,6 +30,80 @@ class DataError(ValueError):
     """Bad input data: the message names the file, the line and what to do."""
 
 
+# ---- Hugging Face datasets: a save_to_disk folder, or a Hub name ----------------------------------------------
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # Dataset.save_to_disk
+SAVED_DATASET_DICT_FILE = "dataset_dict.json"  # DatasetDict.save_to_disk: one folder per split
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(?::[\w.-]+)?")  # org/name, or org/name:split
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` (rows in Arrow files beside state.json)."""
+    return os.path.isdir(path) and all(os.path.isfile(os.path.join(path, name)) for name in SAVED_DATASET_FILES)
+
+
+def is_hub_dataset(spec: str) -> bool:
+    """`org/name` or `org/name:split` that is no local path: a dataset on the Hugging Face Hub."""
+    return HUB_NAME.fullmatch(spec) is not None and not os.path.exists(spec) and not spec.endswith(DATA_SUFFIXES)
+
+
+def _saved_dataset_split(path: str, flag: str) -> str:
+    """The split folder of a `DatasetDict.save_to_disk` folder that `flag` reads: train for --data_files,
+    validation (else test) for --eval_data_files."""
+    with open(os.path.join(path, SAVED_DATASET_DICT_FILE), encoding="utf-8") as f:
+        splits = json.load(f).get("splits", [])
+    wanted = ("train",) if flag == "--data_files" else ("validation", "test")
+    for split in wanted:
+        if split in splits and is_saved_dataset(os.path.join(path, split)):
+            return os.path.join(path, split)
+    raise DataError(f"{flag} {path}: a saved DatasetDict without a {' or '.join(wanted)} split (it has {', '.join(splits) or 'none'}); "
+                    f"name the split's folder, e.g. {os.path.join(path, splits[0] if splits else 'SPLIT')}")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _iter_hub_dataset(spec: str) -> Iterator[tuple[int, Any, str | None]]:
+    name, _, split = spec.partition(":")
+    if _hub_offline():
+        raise DataError(f"{spec}: not a local file or folder, and the Hugging Face Hub is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); "
+                        f"where the Hub is reachable, save it with datasets.load_dataset({name!r}, split={split or 'train'!r})"
+                        ".save_to_disk(DIR) and pass DIR")
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # connection errors, unknown names and splits come as several types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{spec}: cannot load it from the Hugging Face Hub ({reason}); check the name and split, "
+                        "or save it with save_to_disk where the Hub is reachable and pass that folder") from None
+    for row, record in enumerate(dataset, start=1):
+        yield row, record, None
+
+
+def _iter_saved_dataset(path: str) -> Iterator[tuple[int, Any, str | None]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(path)
+    except Exception as err:
+        raise DataError(f"{path}: cannot read the saved dataset ({err}); fix it or remove it from --data_files") from None
+    for row, record in enumerate(dataset, start=1):  # Arrow rows, memory-mapped: row numbers stand for lines
+        yield row, record, None
+
+
+def source_fingerprint(path: str) -> tuple:
+    """What identifies a data source's content for the cache key: a file's size and mtime, a saved dataset's
+    Arrow files' sizes and mtimes, a Hub name as given (a changed Hub dataset needs --data_cache_dir none)."""
+    if is_saved_dataset(path):
+        parts = sorted(name for name in os.listdir(path) if name.endswith((".arrow", ".json")))
+        return (os.path.abspath(path), [(name, os.stat(os.path.join(path, name)).st_size, os.stat(os.path.join(path, name)).st_mtime_ns)
+                                        for name in parts])
+    if is_hub_dataset(path):
+        return ("hub", path)
+    return (os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
+
+
 
 def resolve_data_files(specs: list[str], flag: str = "--data_files") -> tuple[list[str], list[str]]:
     """Expands files, directories (recursively) and globs into data files, in a stable order.
@@ -45,9 +121,14 @@ def resolve_data_files(specs: list[str], flag: str = "--data_files") -> tuple[li
     def add_directory(directory: str) -> int:
         found = 0
         for root, dirnames, filenames in os.walk(directory):
+            if is_saved_dataset(root):  # a saved dataset inside: one source, not its Arrow and JSON files
+                files.append(root)
+                found += 1
+                dirnames[:] = []
+                continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if name.startswith("."):
+                if name.startswith(".") or name == SAVED_DATASET_DICT_FILE:  # a DatasetDict's index: its splits are read
                     continue
                 path = os.path.join(root, name)
                 if name.endswith(DATA_SUFFIXES):
@@ -58,7 +139,13 @@ def resolve_data_files(specs: list[str], flag: str = "--data_files") -> tuple[li
         return found
 
     for spec in specs:
-        if glob.has_magic(spec):
+        if is_saved_dataset(spec):
+            files.append(spec)
+        elif os.path.isfile(os.path.join(spec, SAVED_DATASET_DICT_FILE)):
+            files.append(_saved_dataset_split(spec, flag))
+        elif is_hub_dataset(spec):
+            files.append(spec)
+        elif glob.has_magic(spec):
             matches = sorted(glob.glob(spec, recursive=True))
             found = 0
             for path in matches:
@@ -80,7 +167,7 @@ def resolve_data_files(specs: list[str], flag: str = "--data_files") -> tuple[li
             files.append(spec)
         else:
             raise DataError(f"{spec}: data file not found; check {flag}")
-    unique = list(dict.fromkeys(os.path.normpath(path) for path in files))
+    unique = list(dict.fromkeys(path if is_hub_dataset(path) else os.path.normpath(path) for path in files))
     return unique, sorted(set(ignored) - set(unique))
 
 
@@ -101,6 +188,20 @@ def check_data_file(path: str) -> None:
     Raises:
         DataError: naming the file and what is wrong with it.
     """
+    if is_hub_dataset(path):
+        if _hub_offline():
+            next(_iter_hub_dataset(path), None)  # raises the offline line now, before any model work
+        return
+    if is_saved_dataset(path):
+        import datasets
+
+        try:
+            rows = datasets.load_from_disk(path).num_rows
+        except Exception as err:
+            raise DataError(f"{path}: cannot read the saved dataset ({err}); fix it or remove it from --data_files") from None
+        if rows == 0:
+            raise DataError(f"{path}: the saved dataset is empty; remove it from --data_files")
+        return
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found; check --data_files")
     if os.path.getsize(path) == 0:
@@ -202,6 +303,12 @@ def iter_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
     Raises:
         DataError: the file cannot be read at all, or a JSON array is broken part-way.
     """
+    if is_saved_dataset(path):
+        yield from _iter_saved_dataset(path)
+        return
+    if is_hub_dataset(path):
+        yield from _iter_hub_dataset(path)
+        return
     if path.endswith(PARQUET_SUFFIXES):
         import pyarrow.parquet as pq
 
