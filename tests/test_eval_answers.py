@@ -53,6 +53,41 @@ def test_math_rejects(output, reference):
     assert not correct("math", output, reference)
 
 
+@pytest.mark.parametrize(
+    "output, reference",
+    [
+        ("\\boxed{\\frac{1}{2}}", "\\dfrac{2}{4}"),  # boxed fractions, both sides LaTeX
+        ("\\boxed{\\{1, 2\\}}", "\\{2,1\\}"),  # sets in any order
+        ("\\boxed{(1,2]}", "(1, 2]"),  # intervals
+        ("\\boxed{x=1}", "1"),  # an equation's value
+        ("\\boxed{\\sqrt{2}}", "2^{1/2}"),
+        ("The rate is \\boxed{50\\%}.", "50"),  # percent at face value (the numeric rule)
+    ],
+)
+def test_math_uses_math_verify_beyond_plain_numbers(output, reference):
+    assert correct("math", output, reference)
+
+
+def test_math_keeps_the_numeric_rule_where_math_verify_differs():
+    """`50%` against 0.5: math-verify says equal, the numeric rule (percent at face value) decides: not equal."""
+    from dftune.eval.answers import math_verify_equal
+
+    assert math_verify_equal("50\\%", "0.5")
+    assert not correct("math", "\\boxed{50\\%}", "0.5")
+    assert not correct("math", "\\boxed{\\{1, 3\\}}", "\\{2,1\\}") and not correct("math", "\\boxed{\\pi}", "3.14159")
+
+
+def test_math_verify_runs_outside_the_main_thread():
+    """Its timeouts use SIGALRM (main thread only): in another thread it still answers instead of raising."""
+    import threading
+
+    results = []
+    worker = threading.Thread(target=lambda: results.append(correct("math", "\\boxed{\\{1, 2\\}}", "\\{2,1\\}")))
+    worker.start()
+    worker.join(60)
+    assert results == [True]
+
+
 def test_math_extraction_details():
     assert extract_math("a 1,234,567 b") == "1,234,567"
     assert last_boxed("\\boxed{1} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"

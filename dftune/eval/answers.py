@@ -4,7 +4,8 @@ Matchers (`--eval_answer_match`), one entry each in MATCHER_TABLE at the end of 
 is one entry there, an extract and a compare function, plus its test):
     math         the content of the last \\boxed{...}, else the last number in the output; compared
                  numerically with the reference's (tolerant of `1,000`, `1000.0`, `$`, `%`, `3/4`);
-                 non-numeric boxed answers compare as text without spaces and `$`.
+                 other answers as text without spaces and `$`, else by math-verify (LaTeX fractions,
+                 sets, intervals, equations such as `x=1`).
     exact        the whole output equals the reference after normalising whitespace and case.
     contains     the normalised reference occurs in the normalised output.
     choice       a multiple-choice letter (A-Z): "answer is (B)", a leading "B." / "(B)", else the last
@@ -79,8 +80,8 @@ def parse_number(text: str) -> float | None:
 
     A percent keeps its face value (`50%` is 50), as answers are written either way.
     """
-    cleaned = text.strip().rstrip(".").replace("$", "").replace(",", "").replace("%", "").replace(" ", "")
-    cleaned = cleaned.replace("\\%", "").replace("\\!", "")
+    cleaned = text.strip().rstrip(".").replace("\\%", "").replace("\\!", "")  # LaTeX's percent sign before the plain one
+    cleaned = cleaned.replace("$", "").replace(",", "").replace("%", "").replace(" ", "")
     frac = re.fullmatch(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}", cleaned)
     if frac:
         cleaned = f"{frac.group(1)}{frac.group(2)}/{frac.group(3)}"
@@ -93,13 +94,40 @@ def parse_number(text: str) -> float | None:
         return None
 
 
+MATH_VERIFY_TIMEOUT = 5  # seconds per parse and per comparison (math-verify's own default)
+
+
+def math_verify_equal(extracted: str, reference: str) -> bool:
+    """Equivalent by math-verify (HF's checker, used by lighteval and open-r1): LaTeX fractions, roots, sets,
+    intervals, equations such as `x=1`, percentages. Both sides are read as LaTeX math, else as expressions.
+
+    Its timeouts use SIGALRM, which only the main thread may set: there (every rank of a run, dft-eval) each
+    parse and comparison is bounded by MATH_VERIFY_TIMEOUT; in any other thread it runs without the alarm
+    instead of failing. An unparsable side, a timeout or any error in the checker is "not equal"."""
+    import threading
+
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    seconds = MATH_VERIFY_TIMEOUT if threading.current_thread() is threading.main_thread() else None
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    try:
+        gold = parse(f"${reference}$", extraction_config=config, parsing_timeout=seconds)
+        answer = parse(f"${extracted}$", extraction_config=config, parsing_timeout=seconds)
+        return bool(gold) and bool(answer) and bool(verify(gold, answer, timeout_seconds=seconds))
+    except Exception:  # the checker's TimeoutException, sympy errors on odd input
+        return False
+
+
 def math_equal(extracted: str, reference: str) -> bool:
-    """Numerically equal (relative 1e-6) when both parse as numbers, else equal as text without spaces/$."""
+    """Numerically equal (relative 1e-6) when both parse as plain numbers (`1,000`, `$5`, `50%` at face value,
+    `3/4`, `\\frac{3}{4}`), else equal as text without spaces/$, else equivalent by math-verify (sets,
+    intervals, `x=1`, roots, ...). Where the two differ, the numeric rule decides: `50%` equals 50 only,
+    while math-verify also takes 0.5 (see docs/evaluation.md)."""
     a, b = parse_number(extracted), parse_number(reference)
     if a is not None and b is not None:
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
     strip = lambda s: re.sub(r"\s|\$|\\left|\\right|\\!", "", s)  # noqa: E731
-    return strip(extracted) == strip(reference)
+    return strip(extracted) == strip(reference) or math_verify_equal(extracted, reference)
 
 
 def extract_choice(text: str) -> str | None:
