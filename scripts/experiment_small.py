@@ -34,7 +34,7 @@ import time
 import zlib
 from dataclasses import dataclass, replace
 
-from dftune.sweep.compare import SweepConfig, parse_variants, run_sweep
+from dftune.sweep.compare import SweepConfig, SweepError, parse_variants, run_sweep
 from dftune.sweep.results import format_table
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ines", "Jon", "Kim", "Leo"]
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the generated task data")
     parser.add_argument("--launcher", default="python", help="as in dft-compare")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (default 2: one per core of a 2-core CPU)")
+    parser.add_argument("--overwrite", action="store_true", help="as in dft-compare: redo the runs an earlier invocation made differently")
     args = parser.parse_args(argv)
     preset = SMOKE if args.smoke else FULL
     if args.max_steps:
@@ -292,8 +293,13 @@ def main(argv: list[str] | None = None) -> dict:
         parallel=args.parallel,
         base_eval_flags=base_eval_flags(preset, paths),
         command_line=" ".join(["python", "scripts/experiment_small.py", *(argv if argv is not None else sys.argv[1:])]),
+        overwrite=args.overwrite,
     )
-    compare = run_sweep(config)
+    try:
+        compare = run_sweep(config)
+    except SweepError as err:  # e.g. --max_steps other than the runs already in OUTPUT_DIR
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     timing["last_invocation_seconds"] = round(time.time() - started, 1)
     with open(timing_path, "w", encoding="utf-8") as f:
         json.dump(timing, f, indent=2)

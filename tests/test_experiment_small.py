@@ -71,3 +71,15 @@ def test_smoke_experiment_runs_the_whole_pipeline(tmp_path):
         assert compare["base"]["metrics"][key] == pytest.approx(step0[key], rel=1e-5)
     assert os.path.getsize(out / "compare.png") > 20_000
     assert "base (before training)" in completed.stdout and "final acc" in completed.stdout
+
+    # Run again, the task data is written again (same content): the runs are reused. With another budget
+    # they are not: the old table used to come back as the new one.
+    command = ["bash", os.path.join(ROOT, "scripts", "experiment_small.sh"), "--smoke", "--output_dir", str(out)]
+    again = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "sft-seed0: finished before, not redone" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    changed = subprocess.run([*command, "--max_steps", "4"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert changed.stderr.strip().splitlines()[-1] == (
+        f"error: --output_dir {out}: run sft-seed0 was made with --max_steps 3, now 4 (1 more differs too); "
+        "use a new --output_dir, or --overwrite to redo the changed runs."
+    )

@@ -11,7 +11,9 @@ A variant is a loss type (`sft`, `dft`, `asft`, `eaft` -> `--loss_type X`), a `F
 (`dft_alpha=0.5` -> `--dft_alpha 0.5`), or parts joined by `+` (`asft+anchor_kl_coef=0.05`).
 Every run is its own launch (`--launcher python`, `train.sh`, or a prefix such as
 `"torchrun --nproc_per_node 2"` / `"deepspeed --num_gpus 8"`), in OUTPUT_DIR/<variant>-seed<N>/.
-Running the same command again resumes: finished runs (run_summary.json present) are not redone.
+Running the same command again resumes: finished runs (run_summary.json present) are not redone, and
+interrupted ones continue from their checkpoint, when made by the same command (model, data, flags);
+with other flags or changed data it stops with one line (exit 2) unless --overwrite redoes those runs.
 The base model is scored once with dft-eval (OUTPUT_DIR/base/). Writes OUTPUT_DIR/compare.json
 and compare.png and prints the table. Exit code 0 when every run finished, 1 when some failed
 (they are in the table with their exit reason), 2 for bad options. SIGTERM or Ctrl-C: the running runs
@@ -38,8 +40,10 @@ EVAL_FLAGS = (
     "--torch_dtype", "--attn_implementation", "--trust_remote_code", "--seed",
 )
 OWN_KEYS = (
-    "model_name_or_path", "output_dir", "variants", "seeds", "seed_list", "launcher", "parallel", "no_base_eval", "train_args",
+    "model_name_or_path", "output_dir", "variants", "seeds", "seed_list", "launcher", "parallel", "no_base_eval", "overwrite",
+    "train_args",
 )
+SWITCHES = ("no_base_eval", "overwrite")  # compare options without a value (`overwrite: true` in a sweep file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run uses every GPU. tokens/s is then per run, with the machine shared",
     )
     parser.add_argument("--no_base_eval", action="store_true", help="skip scoring the base model with dft-eval")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="redo the runs (and the base evaluation) that an earlier dft-compare in OUTPUT_DIR made with another model, "
+        "data or flags: their folders are deleted. Without it such a rerun stops before launching anything; runs made "
+        "by the same command are reused either way",
+    )
     return parser
 
 
@@ -94,9 +104,8 @@ def read_config_file(path: str) -> list[str]:
     if not isinstance(train_args, dict):
         raise SweepError(f"{path}: train_args must be a mapping of train_dft.py flags to values.")
     own = {k: config.pop(k) for k in list(config) if k in OWN_KEYS}
-    argv = flags_from_mapping({k: v for k, v in own.items() if k != "no_base_eval"})
-    if own.get("no_base_eval"):
-        argv.append("--no_base_eval")
+    argv = flags_from_mapping({k: v for k, v in own.items() if k not in SWITCHES})
+    argv += [f"--{k}" for k in SWITCHES if own.get(k)]
     return argv + flags_from_mapping({**config, **train_args})
 
 
@@ -137,6 +146,7 @@ def parse(argv: list[str]) -> SweepConfig:
         parallel=args.parallel,
         base_eval_flags=eval_flags if has_eval and not args.no_base_eval else None,
         command_line=shlex.join([sys.argv[0], *argv]),
+        overwrite=args.overwrite,
     )
 
 

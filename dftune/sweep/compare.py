@@ -7,7 +7,9 @@ model evaluated once with dft-eval), `compare.json` and `compare.png`.
 
 Everything the table shows is read back from the runs' own files (trainer_state.json,
 run_summary.json), so re-running the command on a half-finished sweep only launches what is missing:
-a run folder with run_summary.json is finished and never redone.
+a run folder with run_summary.json is finished and not redone, one with a checkpoint resumes. Both only
+when the run was made by the same command (model, data, flags, loss defaults: its compare_definition.json,
+sweep/definition.py); otherwise the sweep stops before any launch, or with `overwrite` redoes that run.
 
 Variants and the plan are pure functions here; the processes (process groups, stop, exit reasons) are
 in sweep/launch.py, reading runs back, mean/std and the table in sweep/results.py, the
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dftune.paths import checkout_file, train_script
+from dftune.sweep.definition import DEFINITION_FILE, changes, read_definition, run_definition, write_definition
 from dftune.sweep.launch import (  # noqa: F401  (Launches, exit_reason: part of this module's interface)
     LAUNCHES,
     Launches,
@@ -150,6 +153,14 @@ def has_checkpoint(output_dir: str) -> bool:
     return os.path.isdir(output_dir) and any(re.fullmatch(r"checkpoint-\d+", n) for n in os.listdir(output_dir))
 
 
+def run_flags(spec: RunSpec, train_flags: list[str], model: str) -> list[str]:
+    """The train_dft.py flags of one run (what defines it, and where it goes)."""
+    return [
+        "--model_name_or_path", model, *train_flags, *spec.variant.flags,
+        "--seed", str(spec.seed), "--output_dir", spec.output_dir, "--run_name", spec.name,
+    ]
+
+
 def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment of one run.
 
@@ -157,10 +168,7 @@ def run_command(spec: RunSpec, train_flags: list[str], launcher: str, model: str
     DeepSpeed / NUM_PROCS logic; settings from the environment), or a launcher prefix such as
     `torchrun --nproc_per_node 2` or `deepspeed --num_gpus 8` put before train_dft.py.
     """
-    flags = [
-        "--model_name_or_path", model, *train_flags, *spec.variant.flags,
-        "--seed", str(spec.seed), "--output_dir", spec.output_dir, "--run_name", spec.name,
-    ]
+    flags = run_flags(spec, train_flags, model)
     if has_checkpoint(spec.output_dir):
         flags += ["--resume_from_checkpoint", "latest"]
     env = {}
@@ -228,6 +236,46 @@ class SweepConfig:
     base_eval_flags: list[str] | None = None  # None: no base-model evaluation
     parallel: int = 1  # runs launched at once (CPU sweeps of small models; one at a time on GPUs)
     command_line: str = ""
+    overwrite: bool = False  # redo the runs (and base evaluation) that an earlier command made differently
+
+
+def base_flags(config: SweepConfig) -> list[str]:
+    """What defines the base row: the model and the evaluation flags dft-eval gets."""
+    return ["--model_name_or_path", config.model_name_or_path, *(config.base_eval_flags or [])]
+
+
+def check_reuse(config: SweepConfig, plan: list[RunSpec], log: Callable[[str], None]) -> None:
+    """Before any launch: every run that would be reused (finished, or resumed from its checkpoint) and the
+    base evaluation must have been made by the command given now. Those that were not are removed with
+    `config.overwrite` (and so made again), else nothing starts.
+
+    Raises:
+        SweepError: a reused run or the base evaluation was made differently (or has no record of how),
+            naming the first difference.
+    """
+    reused = [(f"run {spec.name}", spec.name, spec.output_dir, run_flags(spec, config.train_flags, config.model_name_or_path))
+              for spec in plan if run_is_finished(spec.output_dir) or has_checkpoint(spec.output_dir)]
+    base_dir = os.path.join(config.output_dir, BASE_DIR)
+    if config.base_eval_flags is not None and os.path.isfile(os.path.join(base_dir, BASE_RESULTS_FILE)):
+        reused.insert(0, (f"the base model's evaluation ({BASE_DIR}/)", BASE_DIR, base_dir, base_flags(config)))
+    stale = []  # (what, its name in the log, folder, why)
+    for what, name, folder, flags in reused:
+        recorded = read_definition(folder)
+        if recorded is None:
+            stale.append((what, name, folder, f"has no record of what it was made with ({DEFINITION_FILE}: an older dft-compare made it)"))
+        elif differences := changes(recorded, run_definition(flags)):
+            stale.append((what, name, folder, f"was made with {'; '.join(differences[:3])}"))
+    if not stale:
+        return
+    if not config.overwrite:
+        what, _, _, why = stale[0]
+        more = len(stale) - 1
+        others = f" ({more} more {'differs' if more == 1 else 'differ'} too)" if more else ""
+        raise SweepError(f"--output_dir {config.output_dir}: {what} {why}{others}; "
+                         "use a new --output_dir, or --overwrite to redo the changed runs.")
+    for _, name, folder, why in stale:
+        log(f"{name}: {why.removeprefix('was ')}; made again from the start (--overwrite)")
+        shutil.rmtree(folder)
 
 
 def evaluate_base(config: SweepConfig, log: Callable[[str], None]) -> dict[str, Any]:
@@ -236,6 +284,7 @@ def evaluate_base(config: SweepConfig, log: Callable[[str], None]) -> dict[str, 
     base_dir = os.path.join(config.output_dir, BASE_DIR)
     results_path = os.path.join(base_dir, BASE_RESULTS_FILE)
     if not os.path.isfile(results_path):
+        write_definition(base_dir, run_definition(base_flags(config)))
         command = [sys.executable, "-m", "dftune.cli.evaluate", "--model_name_or_path", config.model_name_or_path, *config.base_eval_flags, "--output_dir", base_dir]
         log(f"evaluating the base model: {shlex.join(command)}")
         code, _ = launch(command, {}, os.path.join(base_dir, LAUNCH_LOG))
@@ -266,6 +315,8 @@ def execute_run(spec: RunSpec, config: SweepConfig, prefix: str, log: Callable[[
         if kept_log:
             with open(os.path.join(spec.output_dir, LAUNCH_LOG), "w", encoding="utf-8") as f:
                 f.write(kept_log)
+    if not has_checkpoint(spec.output_dir):  # a fresh start; a resumed run was checked by check_reuse
+        write_definition(spec.output_dir, run_definition(run_flags(spec, config.train_flags, config.model_name_or_path)))
     command, env = run_command(spec, config.train_flags, config.launcher, config.model_name_or_path)
     log(f"{prefix}: {shlex.join(command)}")
     log_path = os.path.join(spec.output_dir, LAUNCH_LOG)
@@ -316,7 +367,8 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[s
     checkpoint and exit), no other starts, and the record has `stopped` set to the signal's number.
 
     Raises:
-        SweepError: another compare.py, or a run launched by one, is still running in the sweep's root.
+        SweepError: another compare.py, or a run launched by one, is still running in the sweep's root; a
+            finished or interrupted run (or the base evaluation) was made by another command (`check_reuse`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -327,8 +379,9 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[s
     previous = {s: signal.signal(s, lambda signum, _: LAUNCHES.stop(signum)) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
         started = time.time()
-        base = evaluate_base(config, log) if config.base_eval_flags is not None else None
         plan = plan_runs(config.variants, config.seeds, config.output_dir)
+        check_reuse(config, plan, log)
+        base = evaluate_base(config, log) if config.base_eval_flags is not None else None
         prefixes = [f"[{index}/{len(plan)}] {spec.name}" for index, spec in enumerate(plan, 1)]
         # Threads only wait on subprocesses; results keep the plan's order.
         with ThreadPoolExecutor(max_workers=max(1, config.parallel)) as pool:
