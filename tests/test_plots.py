@@ -40,8 +40,8 @@ def image_stats(path) -> tuple[int, int, float, int]:
 def assert_real_plot(path) -> None:
     assert os.path.getsize(path) > 20_000, "a figure of panels with curves is tens of KB"
     width, height, ink, colours = image_stats(path)
-    rows = -(-len(run_plots.PANELS) // run_plots.PANEL_COLUMNS)
-    assert (width, height) == (1500, 420 * rows)
+    # Three rows of panels here (no anchor_kl panel outside asft) and the legend below them.
+    assert width == 1500 and 3 * 420 < height < 4 * 420
     assert 0.02 < ink < 0.6, f"{ink:.3f} of the pixels are drawn: blank or solid image"
     assert colours > 50, "text, axes and coloured curves give many distinct colours"
 
@@ -116,3 +116,103 @@ def test_newest_checkpoint_wins_and_labels_fall_back_to_the_logs(tmp_path):
     assert curves.label == f"{tmp_path.name} (dft_alpha=0.5)"  # no run_config.json: folder name, alpha from the logs
     shutil.rmtree(tmp_path / "checkpoint-10")
     assert run_plots.load_run_curves(str(tmp_path)).log_history[0]["step"] == 5
+
+
+# ---- the figure's structure: panels with data, titles, the legend's place -----------------------------------
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures the code saves, still saved as usual: their axes and legends can be checked."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        figures.append(figure)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+def history(scale: float, eval_keys: tuple[str, ...] = ()) -> list[dict]:
+    """A log history of the metrics every run logs (no anchor_kl: not asft), eval entries at steps 2 and 4."""
+    train = [{"step": step, "loss": scale / step, "ce_loss": 2 / step, "avg_p_correct": 0.5 + step / 10, "token_accuracy": 0.4 + step / 10,
+              "grad_norm": 1.0, "learning_rate": 1e-3, "entropy": 1 / step, "low_p_share": 0.1, "dft_alpha": 1.0} for step in (1, 2, 3, 4)]
+    evals = [{"step": step, "eval_loss": scale / step, "eval_ce_loss": 2 / step, **{key: step / 8 for key in eval_keys}} for step in (2, 4)]
+    return train + evals
+
+
+def write_run(run_dir, log_history: list[dict], loss_type: str, dft_alpha: float) -> str:
+    """A training output_dir as far as plotting reads it: trainer_state.json and run_config.json."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "trainer_state.json"), "w", encoding="utf-8") as f:
+        json.dump({"log_history": log_history}, f)
+    with open(os.path.join(run_dir, "run_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"run_name": os.path.basename(run_dir), "arguments": {"training": {"loss_type": loss_type, "dft_alpha": dft_alpha}}}, f)
+    return str(run_dir)
+
+
+def visible_axes(figure) -> list:
+    return [ax for ax in figure.get_axes() if ax.get_visible()]
+
+
+def assert_legend_covers_no_panel(figure) -> None:
+    """One legend for the figure, outside every panel (a legend inside a panel hid curves)."""
+    figure.canvas.draw()
+    assert [ax.get_title() for ax in visible_axes(figure) if ax.get_legend() is not None] == []
+    legends = [legend for container in [figure, *figure.subfigs] for legend in container.legends]
+    assert len(legends) == 1
+    box = legends[0].get_window_extent()
+    for ax in visible_axes(figure):
+        panel = ax.get_window_extent()
+        assert box.y1 <= panel.y0 or box.y0 >= panel.y1 or box.x1 <= panel.x0 or box.x0 >= panel.x1, ax.get_title()
+
+
+def test_run_figure_has_panels_with_data_only_and_names_each_objective(tmp_path, saved_figures):
+    """An SFT run (dft_alpha 0) and a DFT run without anchor_kl or generation accuracy: no empty "not logged"
+    panels, the loss panel named by both objectives (was "loss (DFT objective)" for the SFT run too)."""
+    runs = [run_plots.load_run_curves(write_run(tmp_path / name, history(scale), "dft", alpha))
+            for name, scale, alpha in (("sft", 1.0, 0.0), ("dft", 0.1, 1.0))]
+    out = run_plots.plot_runs(runs, str(tmp_path / "both.png"), "sft vs dft")
+    assert os.path.isfile(out)
+    (figure,) = saved_figures
+    assert [ax.get_title() for ax in visible_axes(figure)] == [
+        "loss (sft / dft objective)", "cross-entropy", "avg p(correct token)", "token accuracy", "gradient norm",
+        "learning rate", "predictive entropy (supervised tokens)", "share of tokens with p < 0.1",
+    ]
+    assert not [text.get_text() for ax in figure.get_axes() for text in ax.texts]  # no "not logged"
+    assert_legend_covers_no_panel(figure)
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels == ["sft (dft_alpha=0)", "dft (dft_alpha=1)", "train", "eval"]
+
+    run_plots.plot_runs(runs[1:], str(tmp_path / "dft.png"), "dft")  # one run: the legend says train / eval only
+    assert visible_axes(saved_figures[1])[0].get_title() == "loss (dft objective)"
+    assert [text.get_text() for text in saved_figures[1].legends[0].get_texts()] == ["train", "eval"]
+
+
+def test_compare_figure_shows_generation_accuracy_once(tmp_path, saved_figures):
+    """compare.png had the overall generation accuracy twice (top, and again among the training curves) and
+    legends inside the panels."""
+    from dftune.sweep.compare import SweepConfig, build_compare, parse_variants
+    from dftune.sweep.plot import plot_compare
+    from dftune.sweep.results import read_run
+
+    eval_keys = ("eval_gen_accuracy", "eval_gen_id_accuracy")
+    results = []
+    for variant, loss_type, scale in (("sft", "sft", 1.0), ("dft", "dft", 0.1)):
+        for seed in (0, 1):
+            run_dir = write_run(tmp_path / f"{variant}-seed{seed}", history(scale + seed / 10, eval_keys), loss_type, 0.0 if variant == "sft" else 1.0)
+            results.append(read_run(run_dir, variant, seed))
+    config = SweepConfig("m", str(tmp_path), parse_variants(["sft", "dft"]), [0, 1], ["--eval_generation_files", "id.jsonl"])
+    base = {"status": "ok", "metrics": {"eval_gen_accuracy": 0.2, "eval_gen_id_accuracy": 0.3}}
+    assert plot_compare(build_compare(config, results, base, 1.0), str(tmp_path / "compare.png"))
+    (figure,) = saved_figures
+    titles = [ax.get_title() for ax in visible_axes(figure)]
+    assert [title for title in titles if "generation accuracy" in title] == ["generation accuracy: all files", "generation accuracy: id"]
+    assert titles[2:] == [
+        "loss (sft / dft objective)", "cross-entropy", "avg p(correct token)", "token accuracy", "gradient norm",
+        "learning rate", "predictive entropy (supervised tokens)", "share of tokens with p < 0.1",
+    ]
+    assert_legend_covers_no_panel(figure)
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels == ["sft", "dft", "train", "eval", "base model", "min-max over seeds"]

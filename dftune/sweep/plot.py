@@ -1,6 +1,7 @@
 """compare.png: generation accuracy against step per variant (mean over seeds, min-max band, the base
 model as a dotted line), above the training curves of every variant averaged over its seeds, drawn by
-run_plots.draw_panels (the same panels as each run's training_curves.png). Headless, no torch.
+run/plots.draw_panels (the panels of each run's training_curves.png that have data, without generation
+accuracy, which the top already shows), and one legend below everything. Headless, no torch.
 """
 
 from __future__ import annotations
@@ -10,9 +11,21 @@ import math
 import os
 from typing import Any
 
-from dftune.run.plots import PANEL_COLUMNS as COLUMNS
-from dftune.run.plots import PANELS, STATE_FILE, RunCurves, draw_panels
-from dftune.sweep.results import order_accuracy_keys
+from dftune.run.plots import (
+    PANEL_COLUMNS,
+    PANEL_HEIGHT,
+    PANELS,
+    STATE_FILE,
+    RunCurves,
+    add_legend,
+    draw_panels,
+    legend_height,
+    panel_rows,
+    panels_with_data,
+    read_run_config,
+    style_handles,
+)
+from dftune.sweep.results import ACCURACY, order_accuracy_keys
 
 
 def mean_log_history(histories: list[list[dict]]) -> list[dict]:
@@ -45,25 +58,63 @@ def mean_log_history(histories: list[list[dict]]) -> list[dict]:
 
 
 def variant_curves(compare: dict[str, Any]) -> list[RunCurves]:
-    """Each variant's training curves averaged over its successful seeds (read from the runs' trainer_state.json)."""
+    """Each variant's training curves averaged over its successful seeds (read from the runs' trainer_state.json),
+    its loss type from the first run's run_config.json, its colour by its place among the variants."""
     runs = []
-    for name in compare["variants"]:
-        histories = []
+    for index, name in enumerate(compare["variants"]):
+        histories, loss_type, dft_alpha = [], None, None
         for run in compare["runs"]:
             path = os.path.join(run["output_dir"], STATE_FILE)
             if run["variant"] == name and run["status"] == "ok" and os.path.isfile(path):
                 with open(path, encoding="utf-8") as f:
                     histories.append(json.load(f).get("log_history", []))
+                if len(histories) == 1:
+                    _, loss_type, dft_alpha = read_run_config(run["output_dir"])
         if histories:
-            runs.append(RunCurves(label=name, log_history=mean_log_history(histories)))
+            runs.append(RunCurves(label=name, log_history=mean_log_history(histories), loss_type=loss_type,
+                                  dft_alpha=dft_alpha, color=f"C{index % 10}"))
     return runs
 
 
-def plot_compare(compare: dict[str, Any], out_path: str, dpi: int = 100) -> str | None:
-    """Writes the figure; None (nothing written) when no variant has a successful run."""
+def accuracy_panels(figure, compare: dict[str, Any], runs: list[RunCurves], keys: list[str]) -> dict[str, bool]:
+    """One panel per generation accuracy (overall, then per file): each variant's mean over seeds (dashed,
+    as every eval curve), its min-max band, the base model dotted. Returns which of the base line and the
+    band were drawn (for the legend)."""
+    from matplotlib.ticker import MaxNLocator
+
+    base = (compare.get("base") or {}).get("metrics", {})
+    drawn = {"base": False, "band": False}
+    grid = figure.subplots(panel_rows(len(keys)), PANEL_COLUMNS, squeeze=False)
+    for ax in grid.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(grid.flat, keys):
+        for run in runs:
+            curve = compare["curves"].get(run.label, {}).get(key)
+            if not curve or not curve["step"]:
+                continue
+            ax.plot(curve["step"], curve["mean"], color=run.color, linestyle="--", marker="o", markersize=4, linewidth=1.8)
+            if compare["variants"][run.label]["ok"] > 1:
+                ax.fill_between(curve["step"], curve["min"], curve["max"], color=run.color, alpha=0.15, linewidth=0)
+                drawn["band"] = True
+        if isinstance(base.get(key), (int, float)):
+            ax.axhline(base[key], color="gray", linestyle=":", linewidth=1.5)
+            drawn["base"] = True
+        label = "all files" if key == ACCURACY else key[len("eval_gen_"):-len("_accuracy")]
+        ax.set_title(f"generation accuracy: {label}", fontsize=12)
+        ax.set_xlabel("optimizer step", fontsize=10)
+        ax.set_ylabel("accuracy (band: min-max over seeds)", fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    return drawn
+
+
+def compare_figure(compare: dict[str, Any], dpi: int = 100):
+    """The figure of compare.png; None when no variant has a successful run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     runs = variant_curves(compare)
     if not runs:
@@ -72,50 +123,41 @@ def plot_compare(compare: dict[str, Any], out_path: str, dpi: int = 100) -> str 
     for curves in compare["curves"].values():
         acc_keys += [k for k in curves if k.endswith("_accuracy") and k not in acc_keys]
     acc_keys = order_accuracy_keys(acc_keys, compare.get("train_flags", []))
-    acc_rows = math.ceil(len(acc_keys) / COLUMNS)
-    curve_rows = math.ceil(len(PANELS) / COLUMNS)
-    figure = Figure(figsize=(15, 4.2 * (acc_rows + curve_rows)), dpi=dpi, layout="constrained")
+    # Generation accuracy is shown once: in the top panels when there are any.
+    panels = [panel for panel in panels_with_data(runs, PANELS) if not (acc_keys and panel.eval_key == ACCURACY)]
+    acc_rows, curve_rows = panel_rows(len(acc_keys)), panel_rows(len(panels))
+    handles = [Line2D([], [], color=run.color, linewidth=2.5, label=run.label) for run in runs] + style_handles()
+    extra = 2  # the base line and the band, at most
+    figure = Figure(figsize=(15, PANEL_HEIGHT * max(1, acc_rows + curve_rows) + legend_height(len(handles) + extra) + 0.4),
+                    dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
-    if acc_rows:
+    drawn = {"base": False, "band": False}
+    if acc_rows and curve_rows:
         top, bottom = figure.subfigures(2, 1, height_ratios=[acc_rows, curve_rows])
+        drawn = accuracy_panels(top, compare, runs, acc_keys)
+        draw_panels(bottom, runs, panels)
+    elif acc_rows:
+        drawn = accuracy_panels(figure, compare, runs, acc_keys)
     else:
-        top, bottom = None, figure
-    if top is not None:
-        base = (compare.get("base") or {}).get("metrics", {})
-        axes = top.subplots(acc_rows, COLUMNS, squeeze=False)
-        # The same colour per variant as draw_panels gives it below (variants without a run are skipped there).
-        drawn = [name for name in compare["variants"] if compare["variants"][name]["ok"]]
-        for ax, key in zip(axes.flat, acc_keys):
-            for index, name in enumerate(drawn):
-                curve = compare["curves"].get(name, {}).get(key)
-                if not curve or not curve["step"]:
-                    continue
-                color = f"C{index % 10}"
-                n = compare["variants"][name]["ok"]
-                ax.plot(curve["step"], curve["mean"], color=color, marker="o", markersize=4, linewidth=1.8, label=name)
-                if n > 1:
-                    ax.fill_between(curve["step"], curve["min"], curve["max"], color=color, alpha=0.15, linewidth=0)
-            if isinstance(base.get(key), (int, float)):
-                ax.axhline(base[key], color="gray", linestyle=":", linewidth=1.5, label="base model")
-            label = "all files" if key == "eval_gen_accuracy" else key[len("eval_gen_"):-len("_accuracy")]
-            ax.set_title(f"generation accuracy: {label}", fontsize=12)
-            ax.set_xlabel("optimizer step", fontsize=10)
-            ax.set_ylabel("accuracy (band: min-max over seeds)", fontsize=9)
-            ax.set_ylim(-0.02, 1.02)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8, loc="best")
-        for ax in list(axes.flat)[len(acc_keys):]:
-            ax.set_visible(False)
-    axes = bottom.subplots(curve_rows, COLUMNS, squeeze=False)
-    draw_panels(axes, runs)
-    for ax in list(axes.flat)[len(PANELS):]:
-        ax.set_visible(False)
+        draw_panels(figure, runs, panels)
+    if drawn["base"]:
+        handles.append(Line2D([], [], color="gray", linestyle=":", linewidth=1.5, label="base model"))
+    if drawn["band"]:
+        handles.append(Patch(color="gray", alpha=0.25, label="min-max over seeds"))
+    add_legend(figure, handles)
     seeds = compare.get("seeds", [])
     figure.suptitle(
         f"{' vs '.join(compare['variants'])}, {len(seeds)} seed(s) each\n"
         "every curve is the mean over the seeds that finished; accuracy band: min-max over seeds", fontsize=13,
     )
+    return figure
+
+
+def plot_compare(compare: dict[str, Any], out_path: str, dpi: int = 100) -> str | None:
+    """Writes `compare_figure` to out_path; None (nothing written) when no variant has a successful run."""
+    figure = compare_figure(compare, dpi)
+    if figure is None:
+        return None
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     figure.savefig(out_path)
     return out_path
