@@ -29,7 +29,9 @@ import signal
 import sys
 
 from dftune.paths import checkout_file
-from dftune.sweep.compare import SweepConfig, SweepError, parse_variants, run_sweep
+from dftune.sweep.compare import SweepConfig, SweepError, expand_grid, parse_variants, run_sweep
+from dftune.sweep.definition import flag_values
+from dftune.sweep.grid import check_files, parse_grids
 from dftune.sweep.results import format_table
 
 # train_dft.py flags that dft-eval takes too: the base model is scored with the same evaluation.
@@ -41,7 +43,7 @@ EVAL_FLAGS = (
 )
 OWN_KEYS = (
     "model_name_or_path", "output_dir", "variants", "seeds", "seed_list", "launcher", "parallel", "no_base_eval", "overwrite",
-    "train_args",
+    "grid", "select_on", "baseline", "train_args",
 )
 SWITCHES = ("no_base_eval", "overwrite")  # compare options without a value (`overwrite: true` in a sweep file)
 
@@ -68,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
         "run uses every GPU. tokens/s is then per run, with the machine shared",
     )
     parser.add_argument("--no_base_eval", action="store_true", help="skip scoring the base model with dft-eval")
+    parser.add_argument(
+        "--grid", nargs="+", default=None, metavar="FLAG=V1,V2",
+        help="run every variant at every value of a train_dft flag, e.g. learning_rate=1e-4,5e-4,2e-3 (several grids "
+        "multiply); each variant's setting is chosen on --select_on, the table reports it there",
+    )
+    parser.add_argument(
+        "--select_on", nargs="+", default=None, metavar="FILE",
+        help="validation generation files (as --eval_generation_files takes) that choose each variant's grid setting; "
+        "never among the reported --eval_generation_files",
+    )
+    parser.add_argument(
+        "--baseline", default=None,
+        help="a variant every other one is tested against, per reported generation file: accuracy difference, paired "
+        "bootstrap 95%% interval over prompts, exact McNemar p-value and a verdict line",
+    )
     parser.add_argument(
         "--overwrite", action="store_true",
         help="redo the runs (and the base evaluation) that an earlier dft-compare in OUTPUT_DIR made with another model, "
@@ -104,6 +121,8 @@ def read_config_file(path: str) -> list[str]:
     if not isinstance(train_args, dict):
         raise SweepError(f"{path}: train_args must be a mapping of train_dft.py flags to values.")
     own = {k: config.pop(k) for k in list(config) if k in OWN_KEYS}
+    if isinstance(own.get("grid"), dict):  # grid: {learning_rate: [1e-4, 5e-4]} -> --grid learning_rate=1e-4,5e-4
+        own["grid"] = [f"{key}={','.join(str(v) for v in (values if isinstance(values, list) else [values]))}" for key, values in own["grid"].items()]
     argv = flags_from_mapping({k: v for k, v in own.items() if k not in SWITCHES})
     argv += [f"--{k}" for k in SWITCHES if own.get(k)]
     return argv + flags_from_mapping({**config, **train_args})
@@ -134,12 +153,25 @@ def parse(argv: list[str]) -> SweepConfig:
     if not seeds or len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds/--seed_list: give at least one seed, each once (got {seeds}).")
     variants = parse_variants(args.variants)
+    grids = parse_grids(args.grid, SweepError)
+    reported = flag_values(train_flags).get("--eval_generation_files", [])
+    if grids and not args.select_on:
+        raise SweepError("--grid needs --select_on VALIDATION_FILE...: the setting of each variant is chosen on prompts that are not reported.")
+    if args.select_on:
+        if not reported:
+            raise SweepError("--select_on needs --eval_generation_files: the files the table reports.")
+        check_files(args.select_on, reported, SweepError)
+        train_flags = add_generation_files(train_flags, args.select_on)
+    if args.baseline is not None and args.baseline not in [v.name for v in variants]:
+        raise SweepError(f"--baseline {args.baseline}: not one of --variants ({', '.join(v.name for v in variants)}).")
+    if args.baseline is not None and not reported:
+        raise SweepError("--baseline compares generation results: give --eval_generation_files.")
     eval_flags = pick_flags(train_flags, EVAL_FLAGS)
     has_eval = any(f in eval_flags for f in ("--eval_generation_files", "--eval_data_files"))
     return SweepConfig(
         model_name_or_path=args.model_name_or_path,
         output_dir=args.output_dir,
-        variants=variants,
+        variants=expand_grid(variants, grids),
         seeds=seeds,
         train_flags=train_flags,
         launcher=args.launcher,
@@ -147,7 +179,18 @@ def parse(argv: list[str]) -> SweepConfig:
         base_eval_flags=eval_flags if has_eval and not args.no_base_eval else None,
         command_line=shlex.join([sys.argv[0], *argv]),
         overwrite=args.overwrite,
+        grids=grids,
+        select_on=list(args.select_on or []),
+        baseline=args.baseline,
     )
+
+
+def add_generation_files(train_flags: list[str], files: list[str]) -> list[str]:
+    """train_flags with `files` appended to --eval_generation_files (every run also scores the validation files)."""
+    flags, index = list(train_flags), train_flags.index("--eval_generation_files") + 1
+    while index < len(flags) and not flags[index].startswith("--"):
+        index += 1
+    return flags[:index] + list(files) + flags[index:]
 
 
 def run_preset_small(argv: list[str]) -> dict:

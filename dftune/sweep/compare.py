@@ -29,11 +29,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dftune.paths import checkout_file, train_script
 from dftune.sweep.definition import DEFINITION_FILE, changes, read_definition, run_definition, write_definition
+from dftune.sweep.grid import (
+    SETTING_SEPARATOR,
+    accuracy_key,
+    file_keys,
+    grid_settings,
+    select,
+    setting_flags,
+    setting_label,
+    significance,
+)
 from dftune.sweep.launch import (  # noqa: F401  (Launches, exit_reason: part of this module's interface)
     LAUNCHES,
     Launches,
@@ -51,6 +61,7 @@ from dftune.sweep.results import (
     aggregate,
     markdown_table,
     mean_curve,
+    order_accuracy_keys,
     read_run,
 )
 
@@ -60,6 +71,7 @@ BASE_RESULTS_FILE = "eval_results.json"
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
 COMPARE_MD = "compare.md"
+COMPARE_GRID_PNG = "compare_grid.png"
 LOCK_FILE = ".compare.lock"
 STOPPED = "stopped"
 
@@ -75,6 +87,12 @@ class Variant:
 
     name: str
     flags: tuple[str, ...]
+    arm: str = ""  # the variant before a --grid expanded it (its own name when there is no grid)
+    setting: tuple[tuple[str, str], ...] = ()  # the grid setting: ((flag, value), ...)
+
+    def __post_init__(self):
+        if not self.arm:
+            object.__setattr__(self, "arm", self.name)
 
     @property
     def slug(self) -> str:
@@ -237,6 +255,19 @@ class SweepConfig:
     parallel: int = 1  # runs launched at once (CPU sweeps of small models; one at a time on GPUs)
     command_line: str = ""
     overwrite: bool = False  # redo the runs (and base evaluation) that an earlier command made differently
+    grids: list[tuple[str, list[str]]] = field(default_factory=list)  # --grid FLAG=V1,V2: `variants` is then expanded
+    select_on: list[str] = field(default_factory=list)  # validation generation files the grid setting is chosen on
+    baseline: str | None = None  # --baseline: every variant's paired verdict against this one
+
+
+def expand_grid(variants: list[Variant], grids: list[tuple[str, list[str]]]) -> list[Variant]:
+    """Each variant at every grid setting (`dft@learning_rate=5e-4`); the variants themselves without a grid."""
+    if not grids:
+        return variants
+    return [
+        Variant(f"{v.name}{SETTING_SEPARATOR}{setting_label(setting)}", v.flags + setting_flags(setting), arm=v.name, setting=setting)
+        for v in variants for setting in grid_settings(grids)
+    ]
 
 
 def base_flags(config: SweepConfig) -> list[str]:
@@ -398,6 +429,35 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[s
 
 
 def build_compare(config: SweepConfig, results: list[RunResult], base: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    compare = _compare_record(config, results, base, seconds)
+    select_stems = file_keys(config.select_on) if config.select_on else []
+    if config.grids:
+        reported = [k for k in order_accuracy_keys(_accuracy_keys(compare), config.train_flags)
+                    if k != ACCURACY and k not in {accuracy_key(stem) for stem in select_stems}]
+        compare["grid"] = select(compare["variants"], config.variants, [accuracy_key(stem) for stem in select_stems], reported)
+        compare["select_on"] = list(config.select_on)
+        compare["select_keys"] = [accuracy_key(stem) for stem in select_stems]
+        compare["grid_variants"], compare["grid_curves"] = compare["variants"], compare["curves"]
+        compare["variants"], compare["curves"] = {}, {}
+        for arm, entry in compare["grid"].items():
+            if entry["selected"] is not None:
+                label = f"{arm} ({setting_label(tuple(entry['setting'].items()))})"
+                compare["variants"][label] = {**compare["grid_variants"][entry["selected"]], "variant": entry["selected"], "arm": arm,
+                                              "setting": entry["setting"]}
+                compare["curves"][label] = compare["grid_curves"][entry["selected"]]
+    if config.baseline:
+        compare["significance"] = significance(compare, config.baseline, compare["runs"], set(select_stems))
+    return compare
+
+
+def _accuracy_keys(compare: dict[str, Any]) -> list[str]:
+    keys: list[str] = []
+    for row in compare["variants"].values():
+        keys += [k for k in row["final"] if k.endswith("_accuracy") and k not in keys]
+    return keys
+
+
+def _compare_record(config: SweepConfig, results: list[RunResult], base: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
     names = [v.name for v in config.variants]
     curves: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -426,10 +486,12 @@ def build_compare(config: SweepConfig, results: list[RunResult], base: dict[str,
 
 def write_compare(compare: dict[str, Any], output_dir: str) -> None:
     """compare.json and compare.png (the figure is skipped, with a note, when no run has curves)."""
-    from dftune.sweep.plot import plot_compare
+    from dftune.sweep.plot import plot_compare, plot_grid
 
     png = os.path.join(output_dir, COMPARE_PNG)
     compare["figure"] = plot_compare(compare, png)
+    if compare.get("grid"):
+        compare["grid_figure"] = plot_grid(compare, os.path.join(output_dir, COMPARE_GRID_PNG))
     with open(os.path.join(output_dir, COMPARE_MD), "w", encoding="utf-8") as f:
         f.write(markdown_table(compare))
     with open(os.path.join(output_dir, COMPARE_JSON), "w", encoding="utf-8") as f:

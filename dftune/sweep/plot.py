@@ -65,7 +65,8 @@ def variant_curves(compare: dict[str, Any]) -> list[RunCurves]:
         histories, loss_type, dft_alpha = [], None, None
         for run in compare["runs"]:
             path = os.path.join(run["output_dir"], STATE_FILE)
-            if run["variant"] == name and run["status"] == "ok" and os.path.isfile(path):
+            # With a --grid a row is its variant at the chosen setting: the runs carry that setting's name.
+            if run["variant"] == compare["variants"][name].get("variant", name) and run["status"] == "ok" and os.path.isfile(path):
                 with open(path, encoding="utf-8") as f:
                     histories.append(json.load(f).get("log_history", []))
                 if len(histories) == 1:
@@ -161,3 +162,59 @@ def plot_compare(compare: dict[str, Any], out_path: str, dpi: int = 100) -> str 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     figure.savefig(out_path)
     return out_path
+
+
+def plot_grid(compare: dict[str, Any], out_path: str, dpi: int = 100) -> str | None:
+    """compare_grid.png: per grid flag, each variant's final accuracy (mean over seeds) against the flag's value,
+    on the --select_on files (dashed: what chose the setting) and on the reported files (solid); the chosen
+    setting circled. Several grid flags: one panel per flag, the other flags at the variant's chosen values.
+    None when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = compare.get("grid") or {}
+    flags = list(next(iter(grid.values()))["grid"][0]["setting"]) if grid and next(iter(grid.values()))["grid"] else []
+    if not flags:
+        return None
+    figure, axes = plt.subplots(1, len(flags), figsize=(5.5 * len(flags), 4.2), dpi=dpi, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, flag in zip(axes[0], flags):
+        for index, (arm, entry) in enumerate(grid.items()):
+            chosen = entry.get("setting") or {}
+            points = [e for e in entry["grid"] if all(e["setting"][k] == chosen.get(k, e["setting"][k]) for k in flags if k != flag)]
+            xs = [_number(e["setting"][flag]) for e in points]
+            if any(x is None for x in xs):
+                xs = list(range(len(points)))
+                ax.set_xticks(xs, [e["setting"][flag] for e in points])
+            color = colors[index % len(colors)]
+            ax.plot(xs, [e["select_score"] if e["select_score"] is not None else math.nan for e in points], "--o", color=color,
+                    label=f"{arm}: validation (--select_on)")
+            reported = [sum(v for v in e["reported"].values() if v is not None) / max(1, sum(v is not None for v in e["reported"].values()))
+                        if any(v is not None for v in e["reported"].values()) else math.nan for e in points]
+            ax.plot(xs, reported, "-s", color=color, label=f"{arm}: reported files")
+            for x, e in zip(xs, points):
+                if e["variant"] == entry.get("selected"):
+                    ax.plot([x], [e["select_score"]], "o", markersize=14, markerfacecolor="none", color=color)
+        positive = [_number(v) for e in next(iter(grid.values()))["grid"] for k, v in e["setting"].items() if k == flag]
+        if all(x is not None and x > 0 for x in positive) and max(positive) / min(positive) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(f"--{flag}")
+        ax.set_ylabel("final generation accuracy (mean over seeds)")
+        ax.set_title(f"accuracy vs --{flag} (circled: chosen)", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.08 + 0.03 * math.ceil(len(labels) / 2), 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    figure.savefig(out_path)
+    plt.close(figure)
+    return out_path
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -187,7 +187,10 @@ def table_rows(compare: dict[str, Any]) -> list[list[str]]:
         keys += [k for k in row["final"] if k not in keys]
     base = compare.get("base") or {}
     keys += [k for k in base.get("metrics", {}) if k.startswith("eval_gen_") and k.endswith("_accuracy") and k not in keys]
-    acc_keys = order_accuracy_keys([k for k in keys if k.endswith("_accuracy")], compare.get("train_flags", []))
+    # With --select_on the validation files chose the settings: they are not reported, nor is the overall
+    # accuracy that pools them with the reported files.
+    hidden = set(compare.get("select_keys", [])) | ({ACCURACY} if compare.get("select_keys") else set())
+    acc_keys = order_accuracy_keys([k for k in keys if k.endswith("_accuracy") and k not in hidden], compare.get("train_flags", []))
     header = ["variant", "runs"]
     for key in acc_keys:  # best only for the overall accuracy: the per-file columns show the final value
         header += [f"final {_short(key)}", f"best {_short(key)}"] if key == ACCURACY else [_short(key)]
@@ -228,7 +231,20 @@ def format_table(compare: dict[str, Any]) -> str:
     base = compare.get("base") or {}
     if base and base.get("status") != "ok":
         lines.append(f"base model not evaluated: {base.get('reason', '')}")
-    return "\n".join(lines)
+    return "\n".join(lines + notes(compare))
+
+
+def notes(compare: dict[str, Any]) -> list[str]:
+    """The lines under the table: how the grid settings were chosen, and the paired verdicts."""
+    lines = []
+    if compare.get("grid"):
+        lines.append(f"settings chosen per variant on {', '.join(compare.get('select_on', []))} (final accuracy, mean over seeds); "
+                     "the whole grid is in compare.json and compare_grid.png")
+    significance = compare.get("significance")
+    if significance:
+        lines.append(f"paired against {significance['baseline']} (difference [bootstrap 95% interval], exact McNemar p):")
+        lines += [f"  {line}" for line in significance["lines"]] or ["  no paired generation files to compare"]
+    return lines
 
 
 def markdown_table(compare: dict[str, Any]) -> str:
@@ -238,4 +254,7 @@ def markdown_table(compare: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(cell or " " for cell in row) + " |" for row in rows[1:]]
     for name, row in compare["variants"].items():
         lines += [f"\nFailed: {name} seed {seed}: {reason}" for seed, reason in row["failed"].items()]
+    extra = notes(compare)
+    if extra:
+        lines += [""] + [f"- {line.strip()}" if line.startswith("  ") else line for line in extra]
     return "\n".join(lines) + "\n"
