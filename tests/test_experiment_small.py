@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -83,3 +84,41 @@ def test_smoke_experiment_runs_the_whole_pipeline(tmp_path):
         f"error: --output_dir {out}: run sft-seed0 was made with --max_steps 3, now 4 (1 more differs too); "
         "use a new --output_dir, or --overwrite to redo the changed runs."
     )
+
+
+def test_validation_split_is_held_out_and_never_an_id_prompt():
+    prior = load_script("experiment_prior")
+    splits = experiment_small.build_task(experiment_small.FULL, data_seed=0)
+    val = prior.validation_split(splits, 48, data_seed=0)
+    assert len(val) == 48 and val == prior.validation_split(splits, 48, data_seed=0)
+    id_prompts = {json.dumps(r["messages"]) for r in splits["id"]}
+    trained = {r["messages"][0]["content"] for r in splits["train"]}
+    for record in val:
+        assert json.dumps(record["messages"]) not in id_prompts and record["messages"][0]["content"] not in trained
+        assert experiment_small.held_out(question_numbers(record["messages"][0]["content"]))
+
+
+def question_numbers(question: str) -> tuple[int, ...]:
+    """'Hugo has 9 books. Hugo buys 2 more. Then Hugo sells 3. ...' -> (9, 2, -3)."""
+    start = int(re.search(r"has (\d+)", question).group(1))
+    moves = [int(n) if verb in ("buys", "finds", "gets") else -int(n)
+             for verb, n in re.findall(r"(buys|finds|gets|gives|loses|sells) (\d+)", question)]
+    return (start, *moves)
+
+
+@pytest.mark.integration
+def test_smoke_prior_experiment_chooses_rates_on_validation_and_compares_to_sft(tmp_path):
+    """scripts/experiment_prior.py --smoke: two bases, a 2-rate grid, the choice on `val`, verdicts against SFT."""
+    out = tmp_path / "prior"
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "experiment_prior.py"), "--smoke", "--output_dir", str(out)],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    summary = json.loads((out / "prior.json").read_text())
+    assert sorted(summary["bases"], key=int) == ["5", "10"]
+    for entry in summary["bases"].values():
+        assert set(entry["chosen"]) == {"sft", "dft"} and set(entry["verdicts"]["dft"]) == {"id", "bignum", "3step", "retention"}
+        assert "val" not in entry["verdicts"]["dft"]  # the validation split chose the rates: it is not reported
+    assert (out / "prior.png").is_file() and (out / "base5" / "compare_grid.png").is_file()
+    assert "dft vs sft on id:" in (out / "prior.md").read_text()
