@@ -1,11 +1,15 @@
 """Command-line arguments: one dataclass per concern, `help` on every field, cross-field checks that
-name the flags. Parsed by `HfArgumentParser` in `train_dft.py`.
+name the flags. Parsed by `HfArgumentParser` in `train_dft.py`, after a config file's settings
+(`train_dft.py run.yaml --max_steps 2`, `--config run.yaml`) have become flags (`expand_config_file`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,7 +21,8 @@ from dftune.data.templates import BUILTIN_TEMPLATES
 from dftune.loss import loss_spec_for
 from dftune.loss.core import LossSpec, check_dft_alpha
 from dftune.loss.variants import get_variant, loss_type_help, loss_types, resolve_variant_flags, variant_flags
-from dftune.run.trackers import normalize_report_to
+from dftune.run.logs import is_main_process
+from dftune.run.trackers import check_tracker_logins, normalize_report_to
 
 ATTN_CHOICES = ["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
 DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32"]
@@ -231,6 +236,7 @@ class DFTTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._check_loss_flags()
+        self._check_step_flags()
         self.report_to = normalize_report_to(self.report_to)
         if self.loss_chunk_size < 1:
             raise ValueError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
@@ -277,6 +283,33 @@ class DFTTrainingArguments(TrainingArguments):
         # Our loss divides by the supervised tokens of the whole step on all ranks; see dft_trainer.py.
         self.average_tokens_across_devices = True
 
+    def _check_step_flags(self) -> None:
+        """Batch sizes, epochs and best-model flags that transformers accepts and then fails on after the model has
+        loaded (a sampler's traceback, a division by zero) or runs nothing with; raises ValueError naming the flag."""
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(self, flag)}.")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise ValueError(
+                f"--num_train_epochs {self.num_train_epochs:g} trains 0 steps: give --num_train_epochs > 0 (e.g. 1) "
+                "or --max_steps N."
+            )
+        if self.load_best_model_at_end:
+            # Before TrainingArguments' own check, whose message runs over three lines and names enum members.
+            eval_strategy, save_strategy = _strategy(self.eval_strategy), _strategy(self.save_strategy)
+            if eval_strategy == "no":
+                raise ValueError(
+                    "--load_best_model_at_end needs evaluations to pick the best checkpoint: give --eval_strategy "
+                    f"{save_strategy if save_strategy in ('steps', 'epoch') else 'steps'} (as --save_strategy) with evaluation data, "
+                    "or drop --load_best_model_at_end."
+                )
+            if save_strategy != "best" and eval_strategy != save_strategy:
+                raise ValueError(
+                    f"--load_best_model_at_end needs a checkpoint at every evaluation: --eval_strategy {eval_strategy} and "
+                    f"--save_strategy {save_strategy} differ; give both the same (e.g. --save_strategy {eval_strategy}) "
+                    "or --save_strategy best."
+                )
+
     def _check_loss_flags(self) -> None:
         """Fills the loss flags' defaults for --loss_type (dftune/loss/variants.py); raises ValueError naming a
         conflicting flag."""
@@ -309,6 +342,150 @@ class DFTTrainingArguments(TrainingArguments):
             self.loss_type, self.dft_alpha if dft_alpha is None else dft_alpha, self.dft_min_weight,
             **{flag.name: getattr(self, flag.name) for _, flag in variant_flags()},
         )
+
+
+def _strategy(value) -> str:
+    """An --eval_strategy / --save_strategy as given: a string, or transformers' enum when set from Python."""
+    return str(getattr(value, "value", value))
+
+
+def check_evaluation_data(data_args: DataArguments, training_args: DFTTrainingArguments, gen_args) -> None:
+    """An --eval_strategy needs something to evaluate; otherwise Trainer raises after the data and the model are
+    loaded. `gen_args`: GenerationEvalArguments (prompt files alone are an evaluation: eval/hooks.py).
+
+    Raises:
+        ValueError: naming --eval_strategy and the flags that give evaluation data.
+    """
+    strategy = _strategy(training_args.eval_strategy)
+    has_eval_data = (
+        data_args.eval_data_files or data_args.validation_split_percentage > 0
+        or (gen_args is not None and gen_args.eval_generation_files)
+    )
+    if strategy != "no" and not has_eval_data:
+        raise ValueError(
+            f"--eval_strategy {strategy} has nothing to evaluate: give --eval_data_files, --validation_split_percentage "
+            "(e.g. 5) or --eval_generation_files, or drop --eval_strategy."
+        )
+
+
+def check_arguments_together(data_args: DataArguments, training_args: DFTTrainingArguments, gen_args) -> None:
+    """The checks that need several dataclasses or the environment, before any data or model work.
+
+    Raises:
+        ValueError: an --eval_strategy without evaluation data; a --report_to tracker without a login (checked on
+            rank 0, the only rank that starts tracker runs).
+    """
+    check_evaluation_data(data_args, training_args, gen_args)
+    if is_main_process():
+        check_tracker_logins(training_args.report_to)
+
+
+# ---- config files ---------------------------------------------------------------------------------------
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def split_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the config file, the other arguments): a first argument ending in .json/.yaml/.yml, or `--config FILE`.
+
+    Raises:
+        ValueError: --config without a file, or two config files.
+    """
+    files, rest = [], []
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        files.append(argv[0])
+        argv = argv[1:]
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config":
+            path = next(args, None)
+            if path is None or path.startswith("--"):
+                raise ValueError("--config needs a file: --config run.yaml (a .yaml or .json file of flag: value settings).")
+            files.append(path)
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    if len(files) > 1:
+        raise ValueError(f"one config file at a time, got {' and '.join(files)}; give the other settings as flags.")
+    return (files[0] if files else None), rest
+
+
+def read_config_file(path: str) -> dict[str, typing.Any]:
+    """The settings of a .json file, or of a YAML file (any other name), as a dict.
+
+    Raises:
+        ValueError: a missing or unreadable file, a syntax error (with its line), or not a mapping.
+    """
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path}: no such file; give the path of a .yaml or .json file of flag: value settings.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {path}: cannot be read ({err}).") from None
+    if path.endswith(".json"):
+        try:
+            config = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {path}:{err.lineno}: not valid JSON ({err.msg}); fix that line.") from None
+    else:
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config file {path}{where}: not valid YAML ({problem}); fix that line.") from None
+    if config is None:  # an empty file
+        return {}
+    if not isinstance(config, dict):
+        raise ValueError(f"config file {path}: must hold flag: value settings (a mapping), not a {type(config).__name__}.")
+    return config
+
+
+def _field_types(dataclass_types) -> dict[str, typing.Any]:
+    """Every flag the parser knows (the dataclasses' init fields), with its type."""
+    types: dict[str, typing.Any] = {}
+    for dtype in dataclass_types:
+        try:
+            hints = typing.get_type_hints(dtype)
+        except Exception:  # a type that does not resolve: the name is still a flag
+            hints = {}
+        types.update({f.name: hints.get(f.name) for f in dataclasses.fields(dtype) if f.init})
+    return types
+
+
+def _config_value_as_flag(name: str, value, flag_type) -> list[str]:
+    if value is None:  # `key: null`: the flag's default
+        return []
+    if isinstance(value, bool) and bool not in (typing.get_args(flag_type) or (flag_type,)) and value is False:
+        value = "no"  # YAML 1.1 reads an unquoted `no` as false: `save_strategy: no` means the strategy "no"
+    if isinstance(value, (list, tuple)):
+        return [f"--{name}", *(json.dumps(item) if isinstance(item, dict) else str(item) for item in value)] if value else []
+    # --flag=value: a value starting with "-" (a negative number) stays the flag's value.
+    return [f"--{name}={json.dumps(value) if isinstance(value, dict) else value}"]
+
+
+def expand_config_file(argv: list[str], dataclass_types) -> list[str]:
+    """`train_dft.py run.yaml --max_steps 2` or `--config run.yaml ...` as plain flags: the file's settings first,
+    then the command line's, so that a flag given on the command line wins (argparse keeps a flag's last value).
+    List settings (data_files: [a.jsonl, b.json]) become a flag with several values; mappings, JSON text.
+
+    Raises:
+        ValueError: a missing or broken config file, or a setting that is not a flag (named).
+    """
+    path, rest = split_config_file(argv)
+    if path is None:
+        return list(argv)
+    config = read_config_file(path)
+    types = _field_types(dataclass_types)
+    unknown = [str(name) for name in config if name not in types]
+    if unknown:
+        raise ValueError(f"config file {path}: {', '.join(unknown)}: not a flag of this command (see --help); fix or remove it.")
+    flags = [token for name, value in config.items() for token in _config_value_as_flag(name, value, types[name])]
+    return flags + rest
 
 
 def resolve_torch_dtype(model_args: ModelArguments, training_args: DFTTrainingArguments) -> torch.dtype:

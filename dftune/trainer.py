@@ -22,7 +22,8 @@ import math
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import IntervalStrategy
 
 from dftune.eval.hooks import check_compute_metrics, generation_only_init, run_generation_eval, run_generation_only_eval
 from dftune.loss.chunked import dft_loss_chunked, resolve_loss_impl, unwrap
@@ -35,6 +36,17 @@ def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | Non
     if not batches or "labels" not in batches[0]:
         return None
     return sum((batch["labels"][..., 1:] != IGNORE_INDEX).sum() for batch in batches)
+
+
+class LogFinalStep(TrainerCallback):
+    """Logs the last step's metrics whatever --logging_steps: a 5-step run with the default 10 would otherwise log
+    none (no metrics line, no final train metrics in run_summary.json, empty curves), and a longer run would end
+    on metrics up to logging_steps - 1 steps old. --logging_strategy no still logs nothing."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.logging_strategy != IntervalStrategy.NO:
+            control.should_log = True  # Trainer logs once per step: no second line when the step was due anyway
+        return control
 
 
 class DFTTrainer(Trainer):
@@ -50,6 +62,7 @@ class DFTTrainer(Trainer):
         self.generation_evaluator = generation_evaluator
         with generation_only_init(kwargs.get("args"), generation_evaluator, kwargs.get("eval_dataset")):
             super().__init__(*args, **kwargs)
+        self.add_callback(LogFinalStep())
         # compute_loss below returns a loss normalised by the step's token count.
         self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = True

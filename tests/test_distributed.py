@@ -40,7 +40,7 @@ def common_args(data_file: str, output_dir: Path) -> list[str]:
     return [
         "--model_name_or_path", str(ROOT / "assets" / "tiny-qwen2"), "--data_files", data_file,
         "--output_dir", str(output_dir), "--max_steps", str(STEPS), "--logging_steps", "1",
-        "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "True", *SGD_ARGS,
+        "--save_steps", "1", "--report_to", "none", "--log_level", "info", "--disable_tqdm", "True", *SGD_ARGS,
     ]
 
 

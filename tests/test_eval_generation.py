@@ -343,3 +343,16 @@ def test_evaluate_py_takes_the_runs_chat_template(tmp_path, tiny_model_dir, prom
     assert results["metrics"]["eval_gen_mean_tokens"] > 0
     # No training: the metrics line has no "step 0/0: epoch 0".
     assert "dft: metrics: eval_gen_accuracy" in err and "step 0/0" not in err
+
+
+def test_eval_results_json_has_the_metrics_at_the_top_level_as_save_metrics_writes(tmp_path, tiny_model_dir, sample_files):
+    """dft-eval's eval_results.json held its metrics only under "metrics"; transformers' save_metrics (and what reads
+    HF runs) puts them at the top level. Both now; the table keeps DFT-scale values (4 significant digits)."""
+    out = tmp_path / "ev"
+    returned = evaluate_cli.main(["--model_name_or_path", tiny_model_dir, "--eval_data_files", sample_files[0],
+                                  "--max_length", "256", "--output_dir", str(out)])
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert {"eval_loss", "eval_ce_loss", "eval_avg_p_correct", "eval_perplexity"} <= saved["metrics"].keys()
+    assert {key: saved[key] for key in saved["metrics"]} == saved["metrics"] == returned["metrics"]
+    assert saved["model_name_or_path"] == tiny_model_dir
+    assert evaluate_cli.format_table({"eval_loss": 0.0000213}) == "eval_loss  2.13e-05"

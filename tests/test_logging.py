@@ -104,18 +104,20 @@ def test_python_warnings_become_prefixed_log_lines(monkeypatch, capsys, restore_
 
 @pytest.mark.parametrize(
     "rank, log_level, log_level_replica, expected",
-    [("0", "passive", "warning", logging.INFO), ("0", "warning", "warning", logging.WARNING),
+    [("0", "passive", "warning", logging.WARNING), ("0", "info", "warning", logging.INFO), ("0", "warning", "warning", logging.WARNING),
      ("0", "debug", "warning", logging.DEBUG), ("1", "passive", "info", logging.WARNING),
      ("1", "passive", "error", logging.ERROR), ("1", "debug", "passive", logging.WARNING)],
 )
 def test_library_log_level_follows_hf_flags_and_replicas_only_warn(monkeypatch, rank, log_level, log_level_replica, expected):
+    """The default (passive) is WARNING on every rank: the libraries' INFO is config dumps and banners."""
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert dist_logger.library_log_level(log_level, log_level_replica) == expected
 
 
 @pytest.mark.integration
-def test_log_level_warning_quiets_the_libraries_not_the_run(tmp_path, tiny_model_dir, sample_files, monkeypatch, capsys, restore_logging):
+def test_library_info_lines_only_with_log_level_info(tmp_path, tiny_model_dir, sample_files, monkeypatch, capsys, restore_logging):
+    """The demo's console was half transformers' model-config dumps (93 of 182 lines); `--log_level info` brings them back."""
     import train_dft
 
     monkeypatch.setenv("RANK", "0")
@@ -124,12 +126,46 @@ def test_log_level_warning_quiets_the_libraries_not_the_run(tmp_path, tiny_model
             "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
             "--disable_tqdm", "True"]
     train_dft.main(args + ["--output_dir", str(tmp_path / "default")])
-    assert "transformers.configuration_utils: loading configuration file" in capsys.readouterr().err
-    train_dft.main(args + ["--output_dir", str(tmp_path / "quiet"), "--log_level", "warning"])
     err = capsys.readouterr().err
-    # (Argument parsing, before the logging set-up, still speaks at the previous run's level in this process.)
     assert "transformers.configuration_utils:" not in err and "transformers.trainer:" not in err
     assert "dft: data report" in err and "dft: step 1/1:" in err  # the run's own lines stay
+    # In place of transformers' "***** Running training *****" block: one line.
+    assert "dft: training 1 step, 2 sequences a step (2 per device x 1 accumulated x 1 process)" in err
+    train_dft.main(args + ["--output_dir", str(tmp_path / "info"), "--log_level", "info"])
+    err = capsys.readouterr().err
+    assert "transformers.configuration_utils: loading configuration file" in err and "transformers.trainer:" in err
+
+
+def test_deepspeed_cpu_notice_is_dropped_and_its_other_lines_kept():
+    """DeepSpeed's "Setting accelerator to CPU" line, printed on every CPU run in its own format, is filtered from
+    its logger (dftune.run.logs installs the filter when imported); its other lines pass."""
+    import dftune.run.logs  # noqa: F401  (installs the filter)
+
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+
+    def passes(message: str) -> bool:
+        return bool(deepspeed_logger.filter(deepspeed_logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, message, (), None)))
+
+    assert not passes("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+    assert not passes("Setting ds_accelerator to cpu (auto detect)")
+    assert passes("Setting accelerator to xpu: forced by DS_ACCELERATOR") and passes("ZeRO-3 partitioned 12 parameters")
+
+
+@pytest.mark.integration
+def test_importing_deepspeed_after_train_dft_prints_no_accelerator_line():
+    import subprocess
+    import sys
+
+    import torch
+
+    from helpers import ROOT, child_env
+
+    if torch.cuda.is_available():
+        pytest.skip("DeepSpeed finds the GPU here: it prints no CPU notice")
+    for code, notice in (("import deepspeed", True), ("import train_dft, deepspeed", False)):
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("Setting accelerator to CPU" in result.stdout + result.stderr) is notice, (code, result.stdout, result.stderr)
 
 
 def test_metrics_line_is_compact_and_ordered():

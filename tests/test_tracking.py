@@ -88,6 +88,20 @@ def test_summary_picks_final_train_and_best_eval_metrics():
     assert "400 total, 100 supervised" in text and "peak memory (cpu): 1.50 GiB" in text and "eval_loss 0.4 (step 2)" in text
 
 
+def test_summary_lines_keep_dft_scale_values_and_name_the_files(tmp_path):
+    """DFT losses are small: `loss 0.0001 -> 0.0000` read as if training had zeroed the loss. The last lines say
+    where run_summary.json and training_curves.png are."""
+    history = [{"step": 1, "loss": 0.00012345, "avg_p_correct": 0.2}, {"step": 9, "loss": 0.0000213, "avg_p_correct": 0.25}]
+    summary = tracking.summarize_run(
+        history, run_name="r", output_dir=str(tmp_path), wall_seconds=3.0, train_seconds=2.0, global_step=9,
+        steps_this_session=9, supervised_tokens=100, total_tokens=400, memory={"device": "cpu", "peak_gib": 1.5},
+    )
+    summary["training_curves"] = str(tmp_path / "training_curves.png")
+    lines = tracking.summary_lines(summary, str(tmp_path / "run_summary.json"))
+    assert "(loss 0.0001234 -> 2.13e-05, avg_p_correct 0.2 -> 0.25)" in "\n".join(lines)
+    assert lines[-2:] == [f"run summary: {tmp_path / 'run_summary.json'}", f"training curves: {tmp_path / 'training_curves.png'}"]
+
+
 def test_data_totals_tolerate_whatever_the_data_report_holds(tmp_path):
     assert tracking.data_totals(None) == {}
     assert tracking.data_totals({"unexpected": 1}) == {}
@@ -248,6 +262,17 @@ def test_run_summary_counts_every_token_of_the_epoch(tracked_run):
     assert summary["best_eval_metrics"]["eval_loss"]["value"] == min(v for _, v in logged(history, "eval_loss"))
     assert summary["train_loss"] > 0 and summary["wall_seconds"] >= summary["train_seconds"] > 0
     assert os.path.isfile(os.path.join(summary["model_path"], "model.safetensors"))
+
+
+@pytest.mark.integration
+def test_the_run_ends_naming_its_summary_and_curves(tracked_run):
+    lines = (tracked_run["logs"] / "train.log").read_text(encoding="utf-8").splitlines()
+    run_dir = os.path.abspath(tracked_run["dir"])
+    # The summary's last lines (later tests of this module may log into the same file after them).
+    end = next(i for i, line in enumerate(lines) if line.endswith(f"dft.tracking: model saved to {run_dir}"))
+    assert lines[end + 1].endswith(f"dft.tracking: run summary: {os.path.join(run_dir, 'run_summary.json')}")
+    assert lines[end + 2].endswith(f"dft.tracking: training curves: {os.path.join(run_dir, 'training_curves.png')}")
+    assert os.path.isfile(os.path.join(run_dir, "run_summary.json")) and os.path.isfile(os.path.join(run_dir, "training_curves.png"))
 
 
 @pytest.mark.integration

@@ -283,3 +283,23 @@ def test_default_logging_steps_log_a_short_run(tmp_path, tiny_model_dir, sample_
     ])
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "avg_p_correct" in e and "loss" in e] == [10, 20]
+
+
+def test_the_last_step_is_logged_whatever_logging_steps(tmp_path, tiny_model_dir, sample_files, capsys):
+    """A 5-step run with the default --logging_steps 10 logged no metrics at all (no line, no final train metrics,
+    empty curves); a 4-step run logging every 3 steps ended on step 3's metrics."""
+    def logged_steps(name: str, steps: str, *extra: str) -> list[int]:
+        out = tmp_path / name
+        summary = train_dft.main([
+            "--model_name_or_path", tiny_model_dir, "--data_files", sample_files[0], "--output_dir", str(out),
+            "--max_steps", steps, "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "True", *extra,
+        ])
+        assert summary["final_train_metrics"]["step"] == int(steps)
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [e["step"] for e in history if "avg_p_correct" in e and "loss" in e]
+
+    assert logged_steps("five", "5") == [5]
+    assert "dft: step 5/5: loss " in capsys.readouterr().err
+    assert logged_steps("four", "4", "--logging_steps", "3") == [3, 4]
+    assert logged_steps("due", "4", "--logging_steps", "2") == [2, 4]  # the last step once, when it was due anyway

@@ -101,8 +101,9 @@ def load_eval_model(model_args: ModelArguments, eval_args: EvaluateArguments, tr
 
 
 def format_table(metrics: dict[str, float]) -> str:
+    """One metric a line; 4 significant digits, so a DFT-scale loss (0.0001) is not printed as 0.0000."""
     width = max(len(k) for k in metrics)
-    return "\n".join(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}" for key, value in metrics.items())
+    return "\n".join(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}" for key, value in metrics.items())
 
 
 def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args: GenerationEvalArguments) -> dict:
@@ -137,6 +138,9 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, gen_args:
     use_logging_for_metrics(trainer)
     metrics = trainer.evaluate()
     results = {
+        # At the top level as transformers' save_metrics writes eval_results.json (tools that read HF runs find
+        # them there); under "metrics" too, where earlier versions put them (dft-compare reads that).
+        **metrics,
         "model_name_or_path": model_args.model_name_or_path,
         "adapter": eval_args.adapter,
         "eval_generation_files": gen_args.eval_generation_files,

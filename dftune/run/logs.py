@@ -5,15 +5,16 @@ which rank.
 
 Works before torch.distributed is initialised: the rank comes from the launcher's environment
 (RANK/WORLD_SIZE from torchrun, deepspeed and accelerate launch). The transformers, datasets, deepspeed
-and accelerate loggers are routed through the same handlers at the same level, so a line never appears
-once per rank. Training metrics go through logging too (`LogMetricsCallback`), so the log file holds
-them with the same prefix.
+and accelerate loggers are routed through the same handlers, at WARNING unless `--log_level info` (their
+INFO is model-config dumps and banners), so a line never appears once per rank. Training metrics go
+through logging too (`LogMetricsCallback`), so the log file holds them with the same prefix.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 
@@ -25,6 +26,20 @@ LIBRARY_LOGGERS = ("deepspeed", "DeepSpeed", "torch.distributed", "accelerate")
 METRIC_ORDER = ("loss", "ce_loss", "avg_p_correct", "token_accuracy", "grad_norm", "learning_rate", "epoch")
 
 logger = logging.getLogger("dft")
+
+# DeepSpeed says at import, on every rank and in its own format, that it found no GPU ("Setting accelerator to
+# CPU. If you have GPU ...", "Setting ds_accelerator to cpu (auto detect)"); a CPU run knows, and the run's
+# device is in run_config.json. A filter on its logger survives DeepSpeed's set-up (which replaces the
+# handlers and the level, not the filters), so it is installed here, before anything imports deepspeed.
+DEEPSPEED_CPU_NOTICE = re.compile(r"Setting (ds_)?accelerator to cpu\b", re.IGNORECASE)
+
+
+def _drop_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
+    return not DEEPSPEED_CPU_NOTICE.match(record.getMessage())
+
+
+if _drop_deepspeed_cpu_notice not in logging.getLogger("DeepSpeed").filters:
+    logging.getLogger("DeepSpeed").addFilter(_drop_deepspeed_cpu_notice)
 
 
 def get_rank() -> int:
@@ -68,15 +83,15 @@ def _route_through_root(name: str, level: int) -> None:
 def library_log_level(log_level: str = "passive", log_level_replica: str = "warning") -> int:
     """The level of the libraries' loggers (transformers, datasets, DeepSpeed) on this rank.
 
-    HF's `--log_level` (rank 0) and `--log_level_replica` (other ranks), so `--log_level warning` hides
-    the model-config dumps and DeepSpeed's banner while the run's own lines (data report, metrics) stay.
-    `passive` keeps the default: INFO on rank 0. Other ranks never go below WARNING: they only warn.
+    HF's `--log_level` (rank 0) and `--log_level_replica` (other ranks). `passive` (the default) is WARNING,
+    transformers' own default: their INFO lines are mostly model-config dumps (half of a short run's console),
+    while the run's own lines (data report, metrics, summary) are the project's loggers and stay.
+    `--log_level info` brings them back on rank 0. Other ranks never go below WARNING: they only warn.
     """
     rank0 = get_rank() == 0
-    default = logging.INFO if rank0 else logging.WARNING
     name = log_level if rank0 else log_level_replica
     if name == "passive":
-        return default
+        return logging.WARNING
     chosen = logging.getLevelName(name.upper())
     return chosen if rank0 else max(chosen, logging.WARNING)
 
@@ -170,6 +185,14 @@ class LogMetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
         self.first_step = state.global_step
+        if state.is_world_process_zero and state.max_steps:
+            # What transformers' "***** Running training *****" block said, which its WARNING level now hides.
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            logger.info(
+                "training %d step%s, %d sequences a step (%d per device x %d accumulated x %d process%s)",
+                state.max_steps, "s" if state.max_steps > 1 else "", per_step, args.per_device_train_batch_size,
+                args.gradient_accumulation_steps, args.world_size, "es" if args.world_size > 1 else "",
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

@@ -351,8 +351,10 @@ def summarize_run(
     return summary
 
 
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """Human-readable summary for the console / train.log."""
+def summary_lines(summary: dict[str, Any], summary_path: str | None = None) -> list[str]:
+    """Human-readable summary for the console / train.log; numbers to 4 significant digits (DFT losses are
+    small: 0.0001 is not 0.0000). Ends with where the model, `summary_path` (run_summary.json) and the
+    summary's "training_curves" are."""
     memory = summary["peak_memory"]
     lines = [
         f"run {summary['run_name']}: {summary['steps']} steps in {format_duration(summary['wall_seconds'])} "
@@ -364,7 +366,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     final = summary["final_train_metrics"]
     if final:
         shown = ", ".join(f"{k} {final[k]:.4g}" for k in ("loss", "ce_loss", "avg_p_correct", "token_accuracy") if k in final)
-        first = ", ".join(f"{k} {summary['first_' + k]:.4f} -> {summary['last_' + k]:.4f}" for k in ("loss", "avg_p_correct") if "first_" + k in summary)
+        first = ", ".join(f"{k} {summary['first_' + k]:.4g} -> {summary['last_' + k]:.4g}" for k in ("loss", "avg_p_correct") if "first_" + k in summary)
         lines.append(f"final train metrics: {shown}" + (f" ({first})" if first else ""))
     if summary["best_eval_metrics"]:
         lines.append(
@@ -372,6 +374,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             + ", ".join(f"{k} {v['value']:.4g} (step {v['step']})" for k, v in summary["best_eval_metrics"].items())
         )
     lines.append(f"model saved to {summary['model_path']}")
+    if summary_path:
+        lines.append(f"run summary: {os.path.abspath(summary_path)}")
+    if summary.get("training_curves"):
+        lines.append(f"training curves: {os.path.abspath(summary['training_curves'])}")
     return lines
 
 
@@ -426,10 +432,12 @@ class RunRecorder:
         if trainer.is_world_process_zero():
             output_dir = trainer.args.output_dir
             dft_alpha = trainer.args.dft_alpha
-            curves = RunCurves(run_label(self.run_config["run_name"], dft_alpha, trainer.args.loss_type), trainer.state.log_history)
+            curves = RunCurves(run_label(self.run_config["run_name"], dft_alpha, trainer.args.loss_type), trainer.state.log_history,
+                               loss_type=trainer.args.loss_type, dft_alpha=dft_alpha)
             summary["training_curves"] = plot_runs([curves], os.path.join(output_dir, CURVES_FILE), f"{curves.label}: training curves")
-            write_json(os.path.join(output_dir, RUN_SUMMARY_FILE), summary)
-            for line in summary_lines(summary):
+            summary_path = os.path.join(output_dir, RUN_SUMMARY_FILE)
+            write_json(summary_path, summary)
+            for line in summary_lines(summary, summary_path):
                 logger.info(line)
             close_trackers(self.trackers, summary, _plain(summary))
         return summary

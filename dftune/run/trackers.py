@@ -16,11 +16,14 @@ SWANLAB_MODE=offline (or local) work without a network.
 
 from __future__ import annotations
 
+import configparser
 import json
+import netrc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from transformers import TrainerCallback
 
@@ -129,6 +132,90 @@ def close_swanlab(numbers: dict, plain_summary: dict) -> None:
         swanlab.finish()
 
 
+# ---- logins, checked before the model loads ------------------------------------------------------------------
+# The W&B cloud's API hosts: recent wandb releases talk to CoreWeave Forge's (the one `wandb login` writes to
+# ~/.netrc) and still read an older api.wandb.ai entry, which older releases write.
+WANDB_CLOUD_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
+WANDB_MODES_WITHOUT_LOGIN = ("offline", "dryrun", "disabled")
+
+
+def _wandb_settings_files() -> list[str]:
+    """wandb's settings files, where `wandb offline` / `wandb login --host` write: global, then this directory's."""
+    config_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
+    return [os.path.join(config_dir, "settings"), os.path.join(os.environ.get("WANDB_DIR") or os.getcwd(), "wandb", "settings")]
+
+
+def _wandb_setting(name: str) -> str | None:
+    """A value of wandb's settings files (the directory's wins, as in wandb), else None."""
+    value = None
+    for path in _wandb_settings_files():
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path, encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        value = parser.get("default", name, fallback=value)
+    return value
+
+
+def _netrc_has_password(hosts: set[str]) -> bool:
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entries = netrc.netrc(path)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any((entries.authenticators(host) or (None, None, None))[2] for host in hosts)
+
+
+def wandb_login_problem() -> str | None:
+    """Why wandb would stop the run at wandb.init() (no key in a non-interactive job), or None.
+
+    wandb finds its key in WANDB_API_KEY (or WANDB_IDENTITY_TOKEN_FILE) or in ~/.netrc ($NETRC) under its API host
+    (WANDB_BASE_URL); WANDB_MODE or `wandb offline` (its settings file) offline/disabled needs none."""
+    mode = (os.environ.get("WANDB_MODE") or _wandb_setting("mode") or "online").strip().lower()
+    if mode in WANDB_MODES_WITHOUT_LOGIN or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    base_url = os.environ.get("WANDB_BASE_URL") or _wandb_setting("base_url")
+    hosts = set(WANDB_CLOUD_HOSTS) | ({urlsplit(base_url).netloc} if base_url else set())
+    if _netrc_has_password(hosts):
+        return None
+    return (
+        "--report_to wandb: no W&B login found (no WANDB_API_KEY, no ~/.netrc entry for api.wandb.ai); run `wandb login` "
+        "or set WANDB_API_KEY, or log offline with WANDB_MODE=offline (WANDB_MODE=disabled: no logging)."
+    )
+
+
+def swanlab_login_problem() -> str | None:
+    """Why swanlab would stop the run at swanlab.init() (no key), or None: swanlab's own settings say, as it
+    reads them (SWANLAB_API_KEY, `swanlab login`'s saved key, SWANLAB_MODE, swanlab.yaml, ...)."""
+    try:
+        import swanlab
+
+        settings = swanlab.Settings()
+        mode, api_key = settings.mode, settings.api_key
+    except Exception:  # an older or newer swanlab without this API: the variables it has always read
+        mode, api_key = os.environ.get("SWANLAB_MODE", "online"), os.environ.get("SWANLAB_API_KEY")
+    if (mode or "online").strip().lower() != "online" or api_key:
+        return None
+    return (
+        "--report_to swanlab: no SwanLab login found (no SWANLAB_API_KEY, no saved `swanlab login`); run `swanlab login` "
+        "or set SWANLAB_API_KEY, or log locally with SWANLAB_MODE=offline (or local; SWANLAB_MODE=disabled: no logging)."
+    )
+
+
+def check_tracker_logins(report_to: list[str]) -> None:
+    """Checks that every tracker --report_to names can start without asking for a key.
+
+    Raises:
+        ValueError: the first tracker without a login, naming --report_to, how to log in and how to go offline.
+    """
+    for name in report_to or []:
+        tracker = TRACKERS.get(name)
+        problem = tracker.login_problem() if tracker is not None and tracker.login_problem is not None else None
+        if problem:
+            raise ValueError(problem)
+
+
 # ---- the table ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tracker:
@@ -139,11 +226,13 @@ class Tracker:
     start: Callable[[Any, dict], bool]
     # Called on rank 0 after training: (the summary's numbers, the whole summary as plain JSON values).
     close: Callable[[dict, dict], None] | None = None
+    # Called before the model loads (rank 0): why the tracker could not start here (no login), or None.
+    login_problem: Callable[[], str | None] | None = None
 
 
 TRACKERS: dict[str, Tracker] = {tracker.name: tracker for tracker in (
-    Tracker("swanlab", start_swanlab, close_swanlab),
-    Tracker("wandb", start_wandb, close_wandb),
+    Tracker("swanlab", start_swanlab, close_swanlab, swanlab_login_problem),
+    Tracker("wandb", start_wandb, close_wandb, wandb_login_problem),
     Tracker("tensorboard", setup_tensorboard),
 )}
 
