@@ -1,7 +1,7 @@
 """Fine-tune a causal LM on ChatML conversations with the DFT loss.
 
     python train_dft.py --model_name_or_path M --data_files a.jsonl b.json --output_dir out [HF flags]
-    python train_dft.py config.yaml            # one .json/.yaml argument: a config file
+    python train_dft.py config.yaml [flags]    # a .json/.yaml config file (or --config FILE); flags after it win
 
 See README.md for every flag; `bash scripts/train.sh` wraps this for CPU, one GPU and many.
 """
@@ -14,7 +14,7 @@ import time
 
 from transformers import HfArgumentParser, set_seed
 
-from dftune.arguments import DataArguments, DFTTrainingArguments, ModelArguments
+from dftune.arguments import DataArguments, DFTTrainingArguments, ModelArguments, check_arguments_together, expand_config_file
 from dftune.data.build import build_datasets
 from dftune.data.collators import DataCollatorForDFT
 from dftune.data.encoding import format_supervision
@@ -28,7 +28,6 @@ from dftune.eval.generation import GenerationEvalArguments, GenerationEvaluator,
 from dftune.model.loading import load_model, load_tokenizer
 from dftune.model.lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_generation_config, save_merged_model
 from dftune.run.checkpoints import (
-    EXIT_STOPPED_BY_SIGTERM,
     CheckpointError,
     add_checkpoint_callbacks,
     check_output_dirs,
@@ -42,16 +41,20 @@ from dftune.trainer import DFTTrainer
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, DFTTrainingArguments, LoraArguments, GenerationEvalArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, DFTTrainingArguments, LoraArguments, GenerationEvalArguments),
+        epilog="Config file: `train_dft.py run.yaml [flags]` or `--config run.yaml [flags]` (YAML or JSON of flag: value); "
+        "flags given after it override its settings.",
+    )
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(os.path.abspath(argv[0]))
-        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            return parser.parse_yaml_file(os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # __post_init__ checks name the flags
-        raise UsageError(str(err).splitlines()[0]) from None
+        # A config file (`run.yaml --max_steps 2`, `--config run.yaml`) becomes flags before the command line's, which win.
+        args = parser.parse_args_into_dataclasses(args=expand_config_file(argv, parser.dataclass_types))
+        _, data_args, training_args, _, gen_args = args
+        check_arguments_together(data_args, training_args, gen_args)  # evaluation data, tracker logins
+        return args
+    except ValueError as err:  # __post_init__ checks name the flags; transformers' own can run over several lines
+        raise UsageError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
 
 
 def check_packing(model_args: ModelArguments, model=None) -> None:
@@ -117,15 +120,15 @@ def run(
     run_config = build_run_config(model_args, data_args, training_args, data_summary, train_dataset, eval_dataset, gen_args)
     recorder = RunRecorder.start(trainer, run_config, started)
     train_output = trainer.train(resume_from_checkpoint=prepare_resume(training_args))
-    if stop.stopped:
+    if stop.stopped:  # SIGTERM or Ctrl-C: exit 143 or 130 without the final model
         step = trainer.state.global_step
         saved = os.path.join(training_args.output_dir, f"checkpoint-{step}")
-        if os.path.isdir(saved):
-            logger.warning("stopped by SIGTERM at step %d; %s saved: continue with --resume_from_checkpoint latest", step, saved)
-        else:  # --save_strategy no: `latest` would quietly start again from an older checkpoint or step 0
-            logger.warning("stopped by SIGTERM at step %d; no checkpoint saved (--save_strategy no): a rerun starts again "
-                           "from step 0 (or from an older checkpoint with --resume_from_checkpoint latest)", step)
-        sys.exit(EXIT_STOPPED_BY_SIGTERM)
+        if is_main_process() and os.path.isdir(saved):  # said once: every rank stopped at this step
+            logger.warning("stopped by %s at step %d; %s saved: continue with --resume_from_checkpoint latest", stop.signal_name, step, saved)
+        elif is_main_process():  # --save_strategy no: `latest` would quietly start again from an older checkpoint or step 0
+            logger.warning("stopped by %s at step %d; no checkpoint saved (--save_strategy no): a rerun starts again "
+                           "from step 0 (or from an older checkpoint with --resume_from_checkpoint latest)", stop.signal_name, step)
+        sys.exit(stop.exit_code)
     if generation_evaluator is not None and training_args.eval_strategy == "no":
         trainer.evaluate()  # no evaluation during training: score the trained model once
     with save_failures_as_errors(training_args.output_dir, training_args.output_dir):

@@ -226,6 +226,12 @@ class DFTTrainingArguments(TrainingArguments):
             "SWANLAB_MODE=offline work without a network. See README, Experiment tracking."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an --output_dir that holds an earlier run (a model, run_summary.json or checkpoint-N "
+                  "folders): its checkpoint-N folders and run_summary.json are removed first, its model is replaced when the "
+                  "new run saves. Without it such a folder is refused unless --resume_from_checkpoint continues the run there."},
+    )
     group_by_length: bool = field(
         default=False,
         metadata={

@@ -16,17 +16,47 @@
 # CPU -> python (NUM_PROCS=1), torchrun (NUM_PROCS>1), or the deepspeed launcher when DS_CONFIG is set.
 # SIGTERM/SIGINT to this script reach the training processes, which save a checkpoint and stop
 # (resume with --resume_from_checkpoint latest).
+#
+# Paths, in the variables and in the extra arguments, are relative to the folder you run this from, as
+# with train_dft.py itself; the bundled defaults (the tiny model, the sample data, ds_config/) are found
+# in the checkout from anywhere. An --output_dir or --logging_dir among the extra arguments wins over
+# OUTPUT_DIR and LOG_DIR, and the model and its logs stay in one folder: LOG_DIR defaults to <output dir>/logs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+# The checkout's files: relative from its root, so that the printed command reads as in the README.
+if [ . -ef "$ROOT" ]; then BUNDLED=""; else BUNDLED="$ROOT/"; fi
 
 STAMP="$(date +%Y%m%d-%H%M%S)"
-MODEL="${MODEL:-assets/tiny-qwen2}"
-DATA_FILES="${DATA_FILES:-data/sample/chat_en.jsonl data/sample/chat_zh.json}"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/dft-$STAMP}"
-LOG_DIR="${LOG_DIR:-$OUTPUT_DIR/logs}"
+DEMO_MODEL=0
+if [ -z "${MODEL:-}" ] || [ "$MODEL" = "assets/tiny-qwen2" ]; then
+  DEMO_MODEL=1
+  MODEL="${BUNDLED}assets/tiny-qwen2"
+fi
+if [ -n "${DATA_FILES:-}" ]; then
+  # shellcheck disable=SC2206  # split on spaces, and patterns expanded: DATA_FILES="a.jsonl more/*.json"
+  DATA=($DATA_FILES)
+else
+  DATA=("${BUNDLED}data/sample/chat_en.jsonl" "${BUNDLED}data/sample/chat_zh.json")
+fi
+# train_dft.py takes the last --output_dir/--logging_dir it is given: the folders made here and the log
+# file written here must be those.
+ARG_OUTPUT_DIR="" ARG_LOGGING_DIR="" PREVIOUS=""
+for arg in "$@"; do
+  case "$PREVIOUS" in
+    --output_dir | --output-dir) ARG_OUTPUT_DIR="$arg" ;;
+    --logging_dir | --logging-dir) ARG_LOGGING_DIR="$arg" ;;
+  esac
+  case "$arg" in
+    --output_dir=* | --output-dir=*) ARG_OUTPUT_DIR="${arg#*=}" ;;
+    --logging_dir=* | --logging-dir=*) ARG_LOGGING_DIR="${arg#*=}" ;;
+  esac
+  PREVIOUS="$arg"
+done
+OUTPUT_DIR="${ARG_OUTPUT_DIR:-${OUTPUT_DIR:-outputs/dft-$STAMP}}"
+LOG_DIR="${ARG_LOGGING_DIR:-${LOG_DIR:-$OUTPUT_DIR/logs}}"
 CPU_DS_CONFIG="${DS_CONFIG:-}"
-DS_CONFIG="${DS_CONFIG:-ds_config/zero3.json}"
+DS_CONFIG="${DS_CONFIG:-${BUNDLED}ds_config/zero3.json}"
+TRAIN="${BUNDLED}train_dft.py"
 NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 NUM_PROCS="${NUM_PROCS:-1}"
@@ -46,26 +76,25 @@ if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 fi
 
-if [ "$MODEL" = "assets/tiny-qwen2" ] && [ ! -f "$MODEL/model.safetensors" ] && [ "$DRY_RUN" = 0 ]; then
+if [ "$DEMO_MODEL" = 1 ] && [ ! -f "$MODEL/model.safetensors" ] && [ "$DRY_RUN" = 0 ]; then
   echo "building the bundled tiny model in $MODEL"
-  "$PYTHON" scripts/make_tiny_model.py "$MODEL"
+  "$PYTHON" "${BUNDLED}scripts/make_tiny_model.py" "$MODEL"
 fi
 
-# shellcheck disable=SC2206
 ARGS=(
   --model_name_or_path "$MODEL"
-  --data_files $DATA_FILES
+  --data_files "${DATA[@]}"
   --output_dir "$OUTPUT_DIR"
   --logging_dir "$LOG_DIR"
 )
 # Only when set: --loss_type sft (e.g. from dft-compare) refuses an explicit --dft_alpha.
 if [ -n "$DFT_ALPHA" ]; then ARGS+=(--dft_alpha "$DFT_ALPHA"); fi
-if [ "$MODEL" = "assets/tiny-qwen2" ]; then
+if [ "$DEMO_MODEL" = 1 ]; then
   # Demo settings for the tiny model; any of them can be overridden by extra arguments.
   ARGS+=(--num_train_epochs 3 --per_device_train_batch_size 8 --learning_rate 2e-3 --lr_scheduler_type cosine
          --warmup_ratio 0.05 --logging_steps 10 --report_to none --max_length 512
          --validation_split_percentage 10 --eval_strategy epoch
-         --eval_generation_files data/sample_eval/questions.jsonl --eval_answer_match contains
+         --eval_generation_files "${BUNDLED}data/sample_eval/questions.jsonl" --eval_answer_match contains
          --eval_generation_max_new_tokens 24 --eval_on_start True)
   # No checkpoints in the demo, unless asked for: a --save_steps of the user's would otherwise be ignored
   # (transformers only saves every --save_steps under --save_strategy steps).
@@ -83,16 +112,16 @@ if [ "$NUM_GPUS" -gt 0 ]; then
     LAUNCH=(deepspeed --hostfile "${HOSTFILE:?HOSTFILE is required with NNODES > 1}" --num_nodes "$NNODES"
             --num_gpus "$NUM_GPUS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
   fi
-  CMD=("${LAUNCH[@]}" train_dft.py "${ARGS[@]}" --deepspeed "$DS_CONFIG" --bf16 True "$@")
+  CMD=("${LAUNCH[@]}" "$TRAIN" "${ARGS[@]}" --deepspeed "$DS_CONFIG" --bf16 True "$@")
 elif [ -n "$CPU_DS_CONFIG" ]; then
   # DeepSpeed on CPU (gloo): how the multi-process tests run ZeRO-3 without a GPU.
-  CMD=(deepspeed --num_gpus "$NUM_PROCS" --master_port "$MASTER_PORT" train_dft.py "${ARGS[@]}"
+  CMD=(deepspeed --num_gpus "$NUM_PROCS" --master_port "$MASTER_PORT" "$TRAIN" "${ARGS[@]}"
        --deepspeed "$CPU_DS_CONFIG" --use_cpu True "$@")
 elif [ "$NUM_PROCS" -gt 1 ]; then
   CMD=(torchrun --nproc_per_node "$NUM_PROCS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-       train_dft.py "${ARGS[@]}" --use_cpu True "$@")
+       "$TRAIN" "${ARGS[@]}" --use_cpu True "$@")
 else
-  CMD=("$PYTHON" train_dft.py "${ARGS[@]}" "$@")
+  CMD=("$PYTHON" "$TRAIN" "${ARGS[@]}" "$@")
 fi
 
 if [ "$DRY_RUN" != 0 ]; then
@@ -116,9 +145,18 @@ echo "command: ${CMD[*]}" >> "$LOG_FILE"
 # current step, save a checkpoint and exit (resume with --resume_from_checkpoint latest).
 set +e
 set -m
-# tee is in that group too: it ignores the signal and ends when the last writer closes the pipe
-# (killed, it would take the workers down with SIGPIPE in the middle of their checkpoint).
-"${CMD[@]}" > >(trap '' TERM INT; exec tee -a "$LOG_FILE") 2>&1 < /dev/null &
+# tee and awk are in that group too: they ignore the signal and end when the last writer closes the pipe
+# (killed, they would take the workers down with SIGPIPE in the middle of their checkpoint).
+# torchrun answers the signal with a 25-line SignalException traceback of its own although every rank
+# stopped as asked and said so: the console leaves it out (the awk program), the log file keeps everything.
+QUIET_SIGNAL_TRACEBACK='
+  held != "" && /^[ \t]/ { held = held "\n" $0; next }
+  held != "" && /^torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: / { held = ""; next }
+  held != "" { print held; held = "" }
+  /^Traceback \(most recent call last\):$/ { held = $0; next }
+  { print; fflush() }
+  END { if (held != "") print held }'
+"${CMD[@]}" > >(trap '' TERM INT; tee -a "$LOG_FILE" | awk "$QUIET_SIGNAL_TRACEBACK") 2>&1 < /dev/null &
 CHILD=$!
 set +m
 STOPPING=0
@@ -131,8 +169,8 @@ while kill -0 "$CHILD" 2>/dev/null; do  # `wait` returns early when a trapped si
 done
 while kill -0 -- "-$CHILD" 2>/dev/null; do sleep 1; done  # workers still saving after their launcher left
 set -e
-# torchrun answers the signal with a SignalException traceback and status 1 even when every rank stopped
-# as asked (checkpoint saved): report what the ranks did, with the status of a stop (143).
+# torchrun exits with status 1 even when every rank stopped as asked (checkpoint saved): report what the
+# ranks did, with the status of a stop (143).
 if [ "$STOPPING" = 1 ] && [ "$STATUS" != 0 ] && STOP_LINE="$(grep -m1 -o 'stopped by SIGTERM at step .*' "$LOG_FILE")"; then
   echo "train.sh: the run $STOP_LINE" | tee -a "$LOG_FILE"
   STATUS=143

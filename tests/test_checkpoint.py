@@ -110,6 +110,50 @@ def test_sigterm_asks_for_save_and_stop():
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
+def test_ctrl_c_stops_like_sigterm_with_status_130_and_a_second_one_quits(monkeypatch, capfd):
+    from dftune.run import checkpoints
+
+    stop = GracefulStopCallback()
+    args = SimpleNamespace(save_strategy="steps", device="cpu")
+    state, control = TrainerState(global_step=3), TrainerControl()
+    state.is_world_process_zero = True
+    previous = signal.getsignal(signal.SIGINT)
+    clock = [100.0]
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    stop.on_train_begin(args, state, control)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert "Ctrl-C: stopping after this optimizer step (press it again to quit at once" in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)  # at once: torchrun passing the terminal's Ctrl-C on again
+        time.sleep(0.05)
+        stop.on_step_end(args, state, control)
+        assert control.should_training_stop and control.should_save
+        assert (stop.signal_name, stop.exit_code) == ("SIGINT (Ctrl-C)", 130)
+        clock[0] += 2  # a second Ctrl-C of the user's: quit without waiting for the step and the save
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        stop.on_train_end(args, state, control)
+    assert signal.getsignal(signal.SIGINT) == previous
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A run started in the background by a script has SIGINT ignored (the shell's doing): a Ctrl-C meant
+    for the script must not stop it."""
+    stop = GracefulStopCallback()
+    state = TrainerState()
+    state.is_world_process_zero = True
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop.on_train_begin(SimpleNamespace(), state, TrainerControl())
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        stop.on_train_end(SimpleNamespace(), state, TrainerControl())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---- integration: real runs killed mid-training ------------------------------------------------------
 KILL_STEPS = 16
 
@@ -199,6 +243,31 @@ def test_sigterm_to_train_sh_under_torchrun_reports_the_stop_with_status_143(tmp
     assert f"train.sh: the run stopped by SIGTERM at step {stopped_at}; {checkpoint} saved" in text
     assert text.rstrip().splitlines()[-1].startswith("exit status 143; log file: ")
     assert latest_complete_checkpoint(str(out)) == str(checkpoint)
+    # One stop line of the ranks' (rank 0's), and not torchrun's 25-line SignalException traceback on the
+    # console; the log file keeps everything.
+    assert text.count("dft: stopped by SIGTERM at step") == 1, text[-4000:]
+    assert "Traceback" not in text and "SignalException" not in text, text[-4000:]
+    log_file = text.rstrip().splitlines()[-1].split("log file: ")[1]
+    assert "SignalException: Process" in Path(log_file).read_text()
+
+
+@pytest.mark.integration
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_without_a_traceback(tmp_path):
+    """Ctrl-C on `python train_dft.py` printed a KeyboardInterrupt traceback and kept nothing since the last
+    checkpoint; now it stops as SIGTERM does, with a checkpoint, and the status a shell gives Ctrl-C."""
+    out = tmp_path / "run"
+    args = run_args(write_small_data(tmp_path, 40), out, save_steps=1000)
+    args[args.index("--max_steps") + 1] = "100000"
+    log = tmp_path / "ctrl_c.log"
+    proc = start(args, log)
+    wait_for(lambda: "dft: step 2/" in log.read_text(errors="replace"), proc, log, interval=0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-4000:]
+    text = log.read_text()
+    stopped_at = int(text.split("stopped by SIGINT (Ctrl-C) at step ")[1].split(";")[0])
+    assert f"{out / f'checkpoint-{stopped_at}'} saved: continue with --resume_from_checkpoint latest" in text
+    assert latest_complete_checkpoint(str(out)) == str(out / f"checkpoint-{stopped_at}")
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-4000:]
 
 
 @pytest.mark.integration

@@ -13,11 +13,20 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from dftune.run.checkpoints import CheckpointError, check_output_dir, prepare_resume, resolve_resume_checkpoint
+from dftune.run.checkpoints import (
+    CheckpointError,
+    check_output_dir,
+    check_output_dirs,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    prepare_resume,
+    resolve_resume_checkpoint,
+)
 from dftune.run.manifest import COMPLETE_MARKER, file_owner, mark_complete, read_manifest, verify_checkpoint
 
 from helpers import ROOT, SGD_ARGS, child_env, write_small_data
@@ -343,3 +352,94 @@ def test_output_on_a_full_disk_or_read_only_file_system_is_one_line(tmp_path, fl
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert lines[-1].startswith(f"error: {flag} {target}: {expected}") and lines[-1].endswith("choose another directory"), lines
     assert "Traceback" not in result.stderr and "training on" not in result.stdout + result.stderr
+
+
+# ---- an earlier run in --output_dir ---------------------------------------------------------------------
+def earlier_run(output_dir: Path, checkpoints=(2, 4), finished=True) -> Path:
+    """What a run leaves: checkpoint-N folders, and when it finished the model and run_summary.json."""
+    for step in checkpoints:
+        fake_checkpoint(output_dir, step)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if finished:
+        (output_dir / "model.safetensors").write_bytes(b"weights")
+        (output_dir / "run_summary.json").write_text("{}")
+    (output_dir / "logs").mkdir()
+    return output_dir
+
+
+class Loaded(Exception):
+    """Raised in place of loading the tokenizer: the checks before loading let the run go on."""
+
+
+def test_rerun_into_a_used_output_dir_stops_before_loading(tmp_path, capsys, monkeypatch):
+    """A second run into a finished run's folder overwrote its model without a word and mixed its
+    checkpoint-N folders with the old ones (`latest` then resumed the old run's higher step)."""
+    import train_dft
+
+    def loading(*args):
+        raise Loaded
+
+    monkeypatch.setattr(train_dft, "load_tokenizer", loading)
+    out = earlier_run(tmp_path / "out")
+    with pytest.raises(SystemExit) as exited:
+        train_dft.main(run_args("x.jsonl", out))
+    assert exited.value.code == 2
+    assert one_error_line(capsys) == (
+        f"error: --output_dir {out}: holds an earlier run (model.safetensors, run_summary.json, checkpoint-2, checkpoint-4); "
+        "continue it with --resume_from_checkpoint latest, start again with --overwrite_output_dir, or choose another --output_dir")
+    assert (out / "checkpoint-4").is_dir() and (out / "model.safetensors").read_bytes() == b"weights"
+
+    saved_without_checkpoints = earlier_run(tmp_path / "no_checkpoints", checkpoints=())
+    with pytest.raises(SystemExit):
+        train_dft.main(run_args("x.jsonl", saved_without_checkpoints))
+    assert one_error_line(capsys).endswith("holds an earlier run (model.safetensors, run_summary.json); "
+                                           "train again with --overwrite_output_dir, or choose another --output_dir")
+
+    # Continuing the run is what --resume_from_checkpoint is for; a run that died before its first
+    # checkpoint left nothing that would mix (its logs, data report and run config are written again).
+    for folder, flags in ((out, ["--resume_from_checkpoint", "latest"]), (earlier_run(tmp_path / "died", checkpoints=(), finished=False), [])):
+        (folder / "data_report.json").write_text("{}")
+        with pytest.raises(Loaded):
+            train_dft.main(run_args("x.jsonl", folder) + flags)
+
+
+def test_resume_latest_into_a_finished_run_without_checkpoints_is_refused(tmp_path):
+    """`latest` with no checkpoint-N starts from step 0: it would train the finished run again over its model."""
+    out = earlier_run(tmp_path / "out", checkpoints=())
+    args = SimpleNamespace(output_dir=str(out), logging_dir=None, resume_from_checkpoint="latest")
+    with pytest.raises(CheckpointError, match=r"^--resume_from_checkpoint latest: .* has no checkpoint-N to continue, but a finished run "
+                                              r"\(model.safetensors, run_summary.json\); train it again from the start with --overwrite_output_dir"):
+        check_output_dirs(args)
+    args.overwrite_output_dir = True
+    with pytest.raises(CheckpointError, match="--overwrite_output_dir would remove the earlier run .* give one of the two"):
+        check_output_dirs(args)
+
+
+def test_overwrite_output_dir_removes_the_earlier_checkpoints_and_summary(tmp_path):
+    """--overwrite_output_dir (the check reads it with getattr: transformers 5 dropped the field) starts again
+    without the old checkpoints: kept, `latest` and --save_total_limit would mix them with the new run's."""
+    out = earlier_run(tmp_path / "out", checkpoints=(2, 10))
+    (out / "damaged-checkpoint-12").mkdir()
+    (out / "checkpoint-14").write_text("a file of the user's, not a checkpoint")
+    check_output_dirs(SimpleNamespace(output_dir=str(out), logging_dir=None, resume_from_checkpoint=None, overwrite_output_dir=True))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-14", "logs", "model.safetensors"]  # the model: replaced when the run saves
+
+
+@pytest.mark.integration
+def test_overwrite_of_a_real_run_keeps_only_the_new_checkpoints(uninterrupted, tmp_path):
+    """A 2-step run over the 3-step run's folder: without --overwrite_output_dir it stops; with it,
+    `latest` afterwards is the new run's checkpoint-2, not the old checkpoint-3."""
+    import train_dft
+
+    data_file, source = uninterrupted
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    args = run_args(data_file, out)
+    args[args.index("--max_steps") + 1] = "2"
+    with pytest.raises(SystemExit) as exited:
+        train_dft.main(args)
+    assert exited.value.code == 2
+    summary = train_dft.main([*args, "--overwrite_output_dir", "True"])
+    assert summary["steps"] == 2
+    assert [step for step, _ in list_checkpoints(str(out))] == [1, 2]
+    assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")

@@ -12,7 +12,7 @@ import pytest
 
 from dftune.run.distributed import deepspeed_requested
 
-from helpers import ROOT, child_env, free_port
+from helpers import ROOT, TINY_MODEL, child_env, free_port
 
 pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
 
@@ -32,10 +32,15 @@ def test_ds_config_leaves_the_numbers_to_the_command_line(name):
     assert ("offload_optimizer" in zero) == (name == "zero3_offload.json")
 
 
-def dry_run(env: dict[str, str], *extra: str) -> str:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE", "PYTHON", "MASTER_PORT")}
-    full_env.update(DRY_RUN="1", OUTPUT_DIR="out", **env)
-    result = subprocess.run(["bash", "scripts/train.sh", *extra], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
+TRAIN_SH_VARIABLES = ("MODEL", "DATA_FILES", "OUTPUT_DIR", "LOG_DIR", "NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE", "PYTHON",
+                      "MASTER_PORT", "DFT_ALPHA", "DRY_RUN")
+
+
+def dry_run(env: dict[str, str], *extra: str, cwd=ROOT) -> str:
+    """The command scripts/train.sh prints with DRY_RUN=1, run from `cwd` (OUTPUT_DIR=out unless `env` says)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in TRAIN_SH_VARIABLES}
+    full_env.update({"DRY_RUN": "1", "OUTPUT_DIR": "out", **env})
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "train.sh"), *extra], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -64,6 +69,54 @@ def test_train_sh_cpu_commands():
     assert "--use_cpu True" in ddp and "--deepspeed" not in ddp
     zero3 = dry_run({"NUM_GPUS": "0", "NUM_PROCS": "2", "DS_CONFIG": "ds_config/zero3.json"})
     assert zero3.startswith("deepspeed --num_gpus 2 ") and zero3.endswith("--deepspeed ds_config/zero3.json --use_cpu True")
+
+
+def test_train_sh_takes_paths_relative_to_the_callers_folder(tmp_path):
+    """train.sh used to `cd` into the checkout: DATA_FILES=mydata.jsonl given in another folder was looked for
+    in the checkout, and OUTPUT_DIR landed there. The bundled files are still found from anywhere."""
+    command = dry_run({"NUM_GPUS": "0", "DATA_FILES": "mydata.jsonl more.json", "OUTPUT_DIR": "runs/a"}, cwd=tmp_path)
+    assert command.startswith(f"python {ROOT}/train_dft.py --model_name_or_path {ROOT}/assets/tiny-qwen2 "
+                              "--data_files mydata.jsonl more.json --output_dir runs/a --logging_dir runs/a/logs ")
+    assert f"--eval_generation_files {ROOT}/data/sample_eval/questions.jsonl " in command  # the demo's own file
+    bundled = dry_run({"NUM_GPUS": "0"}, cwd=tmp_path)
+    assert f" --data_files {ROOT}/data/sample/chat_en.jsonl {ROOT}/data/sample/chat_zh.json " in bundled
+    zero3 = dry_run({"NUM_GPUS": "1", "MODEL": "models/m", "MASTER_PORT": "29500"}, cwd=tmp_path)
+    assert zero3.startswith(f"deepspeed --num_gpus 1 --master_port 29500 {ROOT}/train_dft.py --model_name_or_path models/m ")
+    assert f"--deepspeed {ROOT}/ds_config/zero3.json " in zero3
+    assert dry_run({"NUM_GPUS": "1", "MODEL": "models/m", "DS_CONFIG": "my_zero.json"}, cwd=tmp_path).endswith("--deepspeed my_zero.json --bf16 True")
+
+
+@pytest.mark.parametrize(("env", "extra", "output_dir", "logging_dir"), [
+    ({}, ["--output_dir", "mine"], "mine", "mine/logs"),
+    ({}, ["--output_dir=mine"], "mine", "mine/logs"),
+    ({"LOG_DIR": "elsewhere"}, ["--output_dir", "mine"], "mine", "elsewhere"),
+    ({}, ["--output_dir", "mine", "--logging_dir", "tb"], "mine", "tb"),
+    ({}, ["--logging-dir=tb"], "out", "tb"),
+])
+def test_train_sh_output_dir_among_the_extra_arguments_keeps_model_and_logs_together(env, extra, output_dir, logging_dir):
+    """`train.sh --output_dir X` trained into X but wrote the logs to OUTPUT_DIR/logs of the environment's
+    (or the timestamped default) folder: the model in one folder, its logs in another."""
+    command = dry_run({"NUM_GPUS": "0", **env}, *extra)
+    assert f" --output_dir {output_dir} --logging_dir {logging_dir} " in command and command.endswith(" ".join(extra))
+
+
+@pytest.mark.integration
+def test_train_sh_run_from_another_folder_keeps_model_and_logs_there(tmp_path):
+    """A real run from a folder outside the checkout, with relative paths: the data is read there, the model
+    and every log (train.log, the train-<timestamp>.log of the console) land in the --output_dir given there."""
+    (tmp_path / "mydata.jsonl").write_text("\n".join((ROOT / "data" / "sample" / "chat_en.jsonl").read_text().splitlines()[:8]) + "\n")
+    env = {k: v for k, v in child_env().items() if k not in TRAIN_SH_VARIABLES}
+    # The model by its absolute path: not the demo's settings (3 epochs, evaluation), a one-step run.
+    env.update(NUM_GPUS="0", MODEL=str(TINY_MODEL), DATA_FILES="mydata.jsonl", OUTPUT_DIR="env-out")
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "train.sh"), "--output_dir", "run1", "--max_steps", "1", "--report_to", "none"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    run = tmp_path / "run1"
+    assert (run / "model.safetensors").is_file() and (run / "logs" / "train.log").is_file()
+    assert result.stdout.splitlines()[0].startswith(f"log file: {run / 'logs' / 'train-'}")
+    assert not (tmp_path / "env-out").exists() and not (ROOT / "run1").exists()
 
 
 def test_train_sh_demo_saves_checkpoints_when_asked():
@@ -140,6 +193,21 @@ def test_ranks_of_a_launch_leave_without_interpreter_teardown_and_keep_their_exi
     assert result.returncode != 0 and "exitcode  : 3" in output, output[-3000:]
     assert "rank 0 done" in output and "rank 1 done" in output, output[-3000:]
     assert "finalised" not in output and "SIGABRT" not in output
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
+    """Ctrl-C while the model or data loads (or a second one during training) printed a KeyboardInterrupt
+    traceback and exit 1."""
+    from dftune.run.distributed import run_as_script
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        run_as_script(interrupted)
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted (Ctrl-C); a rerun with --resume_from_checkpoint latest continues from the newest complete checkpoint, if any"]
 
 
 def test_exit_codes_follow_sys_exit(capsys):

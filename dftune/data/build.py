@@ -3,26 +3,34 @@
 Pipeline (`build_datasets`):
   1. resolve  `--data_files` files, directories and globs -> a sorted list of data files; each is checked
               at once (exists, not empty, JSON or Parquet) so a bad path fails before any work (files.py).
-  2. read     record by record (files.iter_records).
+  2. read     record by record (files.iter_records), streaming: no step holds the whole data set.
   3. normalise every record to one fixed schema {"messages": [...], "tools", "source", "line"},
               or skip it with a reason (formats.normalize_record).
-  4. tokenise with the tokenizer's chat template and assistant-only labels (spans.py, encoding.py, `datasets.map`,
-              `num_proc` workers), drop conversations left with no supervised token, count them against their file.
-  5. cache    the result on disk under a fingerprint of files, tokenizer, template, settings and the code.
+  4. tokenise chunks of CHUNK_CONVERSATIONS with the tokenizer's chat template and assistant-only labels
+              (spans.py, encoding.py; `num_proc` worker processes, results in order), drop conversations left
+              with no supervised token, count them against their file.
+  5. cache    each tokenised chunk appended to an Arrow file as it comes (memory flat in the number of
+              conversations), under a fingerprint of files, tokenizer, template, settings and the code;
+              the splits are memory-mapped from those files.
   6. report   per file and reason, with file:line examples (report.py).
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -35,15 +43,14 @@ from dftune.data.templates import BUILTIN_TEMPLATES, _template_of, ensure_chat_t
 
 logger = logging.getLogger("dft.data")
 
-def read_file_records(path: str, source: int, strict: bool, split: str = "train",
-                      formats: FormatOptions | None = None) -> tuple[list[dict], FileReport]:
-    """Reads and normalises one file: rows {"messages", "tools", "source", "line"} plus its FileReport.
+def iter_file_records(path: str, source: int, strict: bool, report: FileReport,
+                      formats: FormatOptions | None = None) -> Iterator[dict]:
+    """Reads and normalises one file record by record: yields rows {"messages", "tools", "source", "line"}
+    and counts every record (read, kept, skipped by reason) in `report` as it goes.
 
     Raises:
         DataError: the file holds no JSON record at all; with `strict`, the first invalid record.
     """
-    report = FileReport(path=path, split=split)
-    rows: list[dict] = []
     json_seen = False
     for line_number, record, error in iter_records(path):
         report.read += 1
@@ -58,10 +65,20 @@ def read_file_records(path: str, source: int, strict: bool, split: str = "train"
             report.skip(error, where)
             continue
         report.kept += 1
-        rows.append({**conversation, "source": source, "line": line_number})
+        yield {**conversation, "source": source, "line": line_number}
     if not json_seen:
         raise DataError(f"{path}: no JSON record could be read; is this a JSON/JSONL file?")
-    return rows, report
+
+
+def read_file_records(path: str, source: int, strict: bool, split: str = "train",
+                      formats: FormatOptions | None = None) -> tuple[list[dict], FileReport]:
+    """Reads and normalises one file: rows {"messages", "tools", "source", "line"} plus its FileReport.
+
+    Raises:
+        DataError: the file holds no JSON record at all; with `strict`, the first invalid record.
+    """
+    report = FileReport(path=path, split=split)
+    return list(iter_file_records(path, source, strict, report, formats)), report
 
 
 def load_conversations(paths: list[str], strict: bool = False, formats: FormatOptions | None = None) -> tuple[list[dict], list[FileReport]]:
@@ -83,20 +100,6 @@ def load_conversations(paths: list[str], strict: bool = False, formats: FormatOp
         conversations.extend(rows)
         reports.append(report)
     return conversations, reports
-
-
-def _features():
-    from datasets import Features, List, Value
-
-    return Features(
-        {
-            "messages": List({"role": Value("string"), "content": Value("string"), "reasoning_content": Value("string"),
-                              "tool_calls": Value("string"), "name": Value("string"), "loss": Value("bool")}),
-            "tools": Value("string"),
-            "source": Value("int32"),
-            "line": Value("int64"),
-        }
-    )
 
 
 PIPELINE_MODULES = ("files.py", "formats.py", "templates.py", "spans.py", "encoding.py", "build.py", "report.py")
@@ -152,87 +155,175 @@ def default_cache_dir() -> str:
     return os.path.join(str(config.HF_DATASETS_CACHE), "dft_trainer")
 
 
-def _tokenise_files(files: list[str], split: str, first_source: int, strict: bool, encoder: ConversationTokenizer,
-                    num_proc: int | None, reports: list[FileReport], formats: FormatOptions | None = None):
-    """Reads, normalises, merges and tokenises one split; updates `reports`; returns (dataset, stats)."""
-    from datasets import Dataset, concatenate_datasets
+CHUNK_CONVERSATIONS = 1000  # conversations per tokenising task: a fraction of a second of work, a few MB of rows
+TOKENISED_FEATURES = ("input_ids", "labels", "length")  # the columns a split keeps
+# A cache entry: report.json and one Dataset.save_to_disk folder per split (train/, eval/), written in place.
+SPLIT_FILE = "data-00000-of-00001.arrow"
 
-    per_file = []
+
+def _batches(files: list[str], split: str, first_source: int, strict: bool, reports: list[FileReport],
+             formats: FormatOptions | None) -> Iterator[dict[str, list]]:
+    """The split's rows in chunks of CHUNK_CONVERSATIONS, as columns; appends each file's FileReport to
+    `reports` when the file is opened (its counts fill in as it is read)."""
+    batch: dict[str, list] = {"messages": [], "tools": [], "source": [], "line": []}
     for offset, path in enumerate(files):
-        rows, report = read_file_records(path, first_source + offset, strict, split, formats)
+        report = FileReport(path=path, split=split)
         reports.append(report)
-        if rows:  # one fixed schema per file, so the merge below never meets a type conflict
-            per_file.append(Dataset.from_list(rows, features=_features()))
-    stats = {"tokens": 0, "supervised_tokens": 0, "truncated": 0, "lengths": np.zeros(0, dtype=np.int64)}
-    if not per_file:
-        return None, stats
-    merged = concatenate_datasets(per_file)
-    workers = num_proc if num_proc and num_proc > 1 and len(merged) >= 2 * num_proc else None
-    tokenised = merged.map(
-        encoder.to_arrow,
-        batched=True,
-        batch_size=500,
-        num_proc=workers,
-        remove_columns=merged.column_names,
-        new_fingerprint=f"dft-tokenise-{uuid.uuid4().hex}",  # our own cache decides reuse, not datasets'
-        desc=f"Tokenising {split} conversations",
-    )
-    table = tokenised.select_columns(["drop_reason", "source", "line", "truncated", "length", "supervised", "extra", "notes", "lost_examples"]).to_dict()
-    drop_reasons = table["drop_reason"]
-    kept_indices = []
-    for index, reason in enumerate(drop_reasons):
-        report = reports[table["source"][index]]
-        if reason:
-            report.kept -= 1
-            report.skip(reason, f"{report.path}:{table['line'][index]}")
-            continue
-        kept_indices.append(index)
-        report.examples_lost_to_truncation += table["lost_examples"][index]
-        if table["extra"][index]:  # a further example of a record already counted as kept
-            report.extra_examples += 1
-        elif table["notes"][index]:
-            report.adjusted.update(table["notes"][index].split(";"))
-    lengths = np.asarray(table["length"], dtype=np.int64)[kept_indices]
-    stats = {
-        "tokens": int(lengths.sum()),
-        "supervised_tokens": int(np.asarray(table["supervised"], dtype=np.int64)[kept_indices].sum()),
-        "truncated": int(sum(table["truncated"])),
-        "lengths": lengths,
-    }
-    dataset = tokenised.select(kept_indices).select_columns(["input_ids", "labels", "length"])
-    return dataset, stats
+        for row in iter_file_records(path, first_source + offset, strict, report, formats):
+            for name, column in batch.items():
+                column.append(row[name])
+            if len(batch["messages"]) == CHUNK_CONVERSATIONS:
+                yield batch
+                batch = {name: [] for name in batch}
+    if batch["messages"]:
+        yield batch
+
+
+_WORKER_ENCODER: ConversationTokenizer | None = None
+
+
+def _start_worker(encoder: ConversationTokenizer) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
+
+
+def _tokenise_in_worker(batch: dict[str, list]):
+    return _WORKER_ENCODER.to_arrow(batch)
+
+
+def _tokenised(batches: Iterator[dict[str, list]], encoder: ConversationTokenizer, num_proc: int | None):
+    """encoder.to_arrow of every batch, in order. With num_proc > 1 (and more than one batch) in that many
+    worker processes, with at most 2 x num_proc batches in flight, so memory does not grow with the data."""
+    head = [batch for batch in (next(batches, None), next(batches, None)) if batch is not None]
+    if not num_proc or num_proc <= 1 or len(head) < 2:  # one chunk is not worth starting processes for
+        yield from map(encoder.to_arrow, itertools.chain(head, batches))
+        return
+    # fork where there is one: the workers get the encoder (and its tokenizer) without pickling it.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with context.Pool(num_proc, initializer=_start_worker, initargs=(encoder,)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in itertools.chain(head, batches):
+            pending.append(pool.apply_async(_tokenise_in_worker, (batch,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _SplitWriter:
+    """Counts one split's tokenised rows into the reports and appends the kept ones to an Arrow file."""
+
+    def __init__(self, path: str, reports: list[FileReport]):
+        from datasets import Features, List, Value
+        from datasets.arrow_writer import ArrowWriter
+
+        self.path, self.reports = path, reports
+        features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32")})
+        self.writer = ArrowWriter(features=features, path=path)
+        self.lengths: list[np.ndarray] = []
+        self.supervised_tokens = self.truncated = self.rows = 0
+
+    def add(self, table) -> None:
+        columns = table.select(["drop_reason", "source", "line", "extra", "notes", "lost_examples"]).to_pydict()
+        kept = np.zeros(len(table), dtype=bool)
+        for index, reason in enumerate(columns["drop_reason"]):
+            report = self.reports[columns["source"][index]]
+            if reason:
+                report.kept -= 1
+                report.skip(reason, f"{report.path}:{columns['line'][index]}")
+                continue
+            kept[index] = True
+            report.examples_lost_to_truncation += columns["lost_examples"][index]
+            if columns["extra"][index]:  # a further example of a record already counted as kept
+                report.extra_examples += 1
+            elif columns["notes"][index]:
+                report.adjusted.update(columns["notes"][index].split(";"))
+        self.truncated += int(np.count_nonzero(table["truncated"].to_numpy()))
+        self.supervised_tokens += int(table["supervised"].to_numpy()[kept].sum(dtype=np.int64))
+        self.lengths.append(table["length"].to_numpy()[kept])
+        self.rows += int(kept.sum())
+        self.writer.write_table(table.filter(kept).select(list(TOKENISED_FEATURES)))
+
+    def close(self) -> tuple:
+        """(dataset or None when no row was kept, stats). The file's folder becomes what Dataset.save_to_disk
+        writes (state.json and dataset_info.json beside it), so datasets.load_from_disk reads it."""
+        from datasets import Dataset
+
+        self.writer.finalize()
+        dataset = Dataset.from_file(self.path)  # memory-mapped: nothing is read
+        directory = os.path.dirname(self.path)
+        state = {"_data_files": [{"filename": os.path.basename(self.path)}], "_fingerprint": dataset._fingerprint, "_format_columns": None,
+                 "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+        with open(os.path.join(directory, "state.json"), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2, sort_keys=True)
+        dataset.info.write_to_directory(directory)
+        lengths = np.concatenate(self.lengths).astype(np.int64) if self.lengths else np.zeros(0, dtype=np.int64)
+        stats = {"tokens": int(lengths.sum()), "supervised_tokens": self.supervised_tokens, "truncated": self.truncated, "lengths": lengths}
+        return (dataset if self.rows else None), stats
+
+
+def _tokenise_files(files: list[str], split: str, first_source: int, strict: bool, encoder: ConversationTokenizer,
+                    num_proc: int | None, reports: list[FileReport], formats: FormatOptions | None, directory: str):
+    """Reads, normalises and tokenises one split, chunk by chunk, into the save_to_disk folder `directory`/SPLIT; updates
+    `reports`; returns (dataset memory-mapped from that file or None, stats)."""
+    os.makedirs(os.path.join(directory, split))
+    writer = _SplitWriter(os.path.join(directory, split, SPLIT_FILE), reports)
+    for table in _tokenised(_batches(files, split, first_source, strict, reports, formats), encoder, num_proc):
+        writer.add(table)
+    return writer.close()
+
+
+def _scratch_directory() -> str:
+    """A folder for tokenised rows that are not cached, removed when this process exits."""
+    root = default_cache_dir()
+    os.makedirs(root, exist_ok=True)
+    directory = os.path.join(root, f"scratch-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(directory)
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
 
 
 def _build_and_save(cache_path: str | None, train_files, eval_files, strict, encoder, num_proc, formats=None) -> dict:
-    """Builds the tokenised splits and their report; saves them atomically under `cache_path`."""
+    """Builds the tokenised splits and their report, written chunk by chunk under a staging folder renamed
+    to `cache_path` when whole (atomic); without a cache path under a scratch folder removed at exit. A
+    result the run refuses (nothing to train or evaluate on) is not cached."""
+    from datasets import Dataset
+
+    staging = f"{cache_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if cache_path is not None else _scratch_directory()
+    os.makedirs(staging, exist_ok=True)
     reports: list[FileReport] = []
-    train, train_stats = _tokenise_files(train_files, "train", 0, strict, encoder, num_proc, reports, formats)
-    evaluation, eval_stats = (None, None)
-    if eval_files:
-        evaluation, eval_stats = _tokenise_files(eval_files, "eval", len(train_files), strict, encoder, num_proc, reports, formats)
+    try:
+        train, train_stats = _tokenise_files(train_files, "train", 0, strict, encoder, num_proc, reports, formats, staging)
+        evaluation, eval_stats = (None, None)
+        if eval_files:
+            evaluation, eval_stats = _tokenise_files(eval_files, "eval", len(train_files), strict, encoder, num_proc, reports, formats, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     report = {
         "files": [r.to_dict() for r in reports],
         "tokens": _token_summary([s for s in (train_stats, eval_stats) if s], reports, encoder.max_length),
     }
     built = {"train": train, "eval": evaluation, "report": report}
     usable = train is not None and len(train) > 0 and (not eval_files or (evaluation is not None and len(evaluation) > 0))
-    if cache_path is None or not usable:  # never cache a result the run refuses: the next run must say why again
+    if cache_path is None:
         return built
-    staging = f"{cache_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.makedirs(staging)
-    for split in ("train", "eval"):
-        if built[split] is not None:
-            built[split].save_to_disk(os.path.join(staging, split))
+    if not usable:  # never cache a result the run refuses: the next run must say why again
+        built.update({split: Dataset.from_file(os.path.join(staging, split, SPLIT_FILE), in_memory=True) if built[split] is not None else None
+                      for split in ("train", "eval")})
+        shutil.rmtree(staging, ignore_errors=True)
+        return built
     with open(os.path.join(staging, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False)
     try:
         os.rename(staging, cache_path)  # atomic: a reader never sees half an entry
     except OSError:  # another node's main process got there first; its entry is identical
-        shutil.rmtree(staging, ignore_errors=True)
+        atexit.register(shutil.rmtree, staging, True)  # our splits map its files until we exit
     return _load_cached(cache_path)
 
 
 def _load_cached(cache_path: str) -> dict:
+    """The splits of a cache entry (memory-mapped) and its report."""
     from datasets import load_from_disk
 
     with open(os.path.join(cache_path, "report.json"), encoding="utf-8") as f:

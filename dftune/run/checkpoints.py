@@ -16,12 +16,18 @@ line naming the checkpoint and the free space; it never gets a marker, so every 
 still verifies and resumes. `check_output_dirs` refuses, before anything loads, an `--output_dir` or
 `--logging_dir` that is a file, cannot be written or sits on a full disk.
 
-SIGTERM. `GracefulStopCallback` turns SIGTERM into "save a checkpoint at the end of this optimizer step
-and stop"; `train_dft` then exits with status 143 (128 + SIGTERM) without writing the final model.
-The ranks agree on the step through one all-reduce of a flag per step, so a signal that reached one
-rank only still stops them all at the same step. If the launcher kills the processes before that save
-completes (torchrun and deepspeed escalate to SIGKILL after 30 s), the half-written directory has no
-marker and the previous checkpoint is used.
+SIGTERM and Ctrl-C. `GracefulStopCallback` turns SIGTERM or SIGINT into "save a checkpoint at the end of
+this optimizer step and stop"; `train_dft` then exits with status 128 + the signal (143 for SIGTERM, 130
+for Ctrl-C, what a shell reports for a process the signal ended) without writing the final model.
+The ranks agree on the step through one all-reduce of the signal number per step, so a signal that
+reached one rank only still stops them all at the same step, with the same status. If the launcher kills
+the processes before that save completes (torchrun and deepspeed escalate to SIGKILL after 30 s), the
+half-written directory has no marker and the previous checkpoint is used.
+
+An earlier run. `check_output_dirs` also refuses an `--output_dir` that holds what a run leaves (the final
+model, run_summary.json, checkpoint-N folders) unless `--resume_from_checkpoint` continues it or
+`--overwrite_output_dir` replaces it: a new run there would overwrite the model and mix its checkpoints
+with the old ones (`latest` would pick the old run's higher step).
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ import os
 import re
 import shutil
 import signal
+import time
 from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
 from dftune.loss.variants import variant_flags
+from dftune.run.logs import is_main_process
 from dftune.run.manifest import (  # noqa: F401  (re-exported: the marker is part of this module's interface)
     COMPLETE_MARKER,
     is_complete,
@@ -50,7 +58,19 @@ from dftune.run.manifest import (  # noqa: F401  (re-exported: the marker is par
 logger = logging.getLogger("dft.checkpoints")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+DAMAGED_PATTERN = re.compile(r"^damaged-checkpoint-\d+(\.\d+)?$")  # see remove_checkpoints_after
 EXIT_STOPPED_BY_SIGTERM = 128 + signal.SIGTERM
+# A second Ctrl-C this long after the first quits without the checkpoint. Sooner, it is the same Ctrl-C
+# again: torchrun passes the terminal's SIGINT on to its workers, which got it from the terminal too.
+SECOND_CTRL_C_AFTER_S = 1.0
+
+# What a run leaves in --output_dir (besides checkpoint-N): the final model (full, or a LoRA adapter) and
+# run_summary.json (RunRecorder.finish, written last).
+FINAL_MODEL_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    "adapter_model.safetensors", "adapter_model.bin",
+)
+RUN_SUMMARY_FILE = "run_summary.json"
 
 
 PROBE_BYTES = 1 << 20  # what check_output_dirs writes to see that a directory takes data
@@ -191,42 +211,80 @@ class CheckpointMarkerCallback(TrainerCallback):
 
 
 class GracefulStopCallback(TrainerCallback):
-    """SIGTERM -> save a checkpoint at the end of the current optimizer step and stop training."""
+    """SIGTERM or Ctrl-C (SIGINT) -> save a checkpoint at the end of the current optimizer step and stop
+    training; a second Ctrl-C (SECOND_CTRL_C_AFTER_S after the first) quits at once, without it.
+
+    After training, `stopped` says whether it stopped, `signal_name` why and `exit_code` (128 + the signal)
+    how the process should end. SIGINT stays ignored where it was (a job started in the background by a
+    script: the shell ignores Ctrl-C for it).
+    """
 
     def __init__(self):
-        self.signal_received = False
+        self.signal_received = 0  # the signal number (the larger one if both came); 0: none yet
+        self.stopped_by = 0  # the signal the ranks agreed on when they stopped
         self.stopped = False
-        self._previous_handler = None
+        self._first_ctrl_c_at: float | None = None
+        self._is_main = True
+        self._previous_handlers: dict[int, object] = {}
+
+    @property
+    def signal_name(self) -> str:
+        name = signal.Signals(self.stopped_by).name if self.stopped_by else "signal"
+        return f"{name} (Ctrl-C)" if self.stopped_by == signal.SIGINT else name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.stopped_by
 
     def _handle(self, signum, frame):
-        self.signal_received = True  # acted on at the next step end; a handler must not do I/O
+        # Acted on at the next step end: a handler must not do I/O that may be under way (logging), only
+        # a raw write to stderr.
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_ctrl_c_at is not None and now - self._first_ctrl_c_at > SECOND_CTRL_C_AFTER_S:
+                raise KeyboardInterrupt  # the user will not wait for the step and the save
+            if self._first_ctrl_c_at is None:
+                self._first_ctrl_c_at = now
+                if self._is_main:
+                    os.write(2, b"\nCtrl-C: stopping after this optimizer step (press it again to quit at once, without a checkpoint)\n")
+        self.signal_received = max(self.signal_received, signum)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+        self._is_main = state.is_world_process_zero
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue
+            self._previous_handlers[signum] = signal.signal(signum, self._handle)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)
+        self._previous_handlers.clear()
         return control
 
-    def _any_rank_signalled(self, args) -> bool:
+    def _agreed_signal(self, args) -> int:
+        """The largest signal number any rank received (0: none), on every rank."""
         import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.signal_received
-        flag = torch.tensor([1.0 if self.signal_received else 0.0], device=args.device)
+        flag = torch.tensor([float(self.signal_received)], device=args.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.stopped and self._any_rank_signalled(args):
+        if self.stopped:
+            return control
+        self.stopped_by = self._agreed_signal(args)
+        if self.stopped_by:
             self.stopped = True
             control.should_training_stop = True
             control.should_save = args.save_strategy != "no"
             logger.warning(
-                "SIGTERM received: %s and stopping at step %d",
+                "%s received: %s and stopping at step %d",
+                self.signal_name,
                 "saving a checkpoint" if control.should_save else "no checkpoint (--save_strategy no)",
                 state.global_step,
             )
@@ -356,10 +414,77 @@ def check_output_dir(flag: str, path: str) -> None:
 
 
 def check_output_dirs(training_args) -> None:
-    """`check_output_dir` for --output_dir and --logging_dir (before anything is loaded)."""
+    """`check_output_dir` for --output_dir and --logging_dir, and `check_earlier_run` (before anything is loaded).
+
+    Raises:
+        CheckpointError: see `check_output_dir` and `check_earlier_run`.
+    """
     check_output_dir("--output_dir", training_args.output_dir)
     if training_args.logging_dir:
         check_output_dir("--logging_dir", training_args.logging_dir)
+    check_earlier_run(training_args)
+
+
+def earlier_run_files(output_dir: str) -> list[str]:
+    """The names of what a run left in `output_dir`: its final model files, run_summary.json and its
+    checkpoint-N folders (oldest step first); [] for a folder no run has trained in (or one that stopped
+    before its first checkpoint: nothing of it would mix with a new run)."""
+    if not os.path.isdir(output_dir):
+        return []
+    finished = [name for name in (*FINAL_MODEL_FILES, RUN_SUMMARY_FILE) if os.path.isfile(os.path.join(output_dir, name))]
+    return finished + [os.path.basename(path) for _, path in list_checkpoints(output_dir)]
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown - 1])}, ... {names[-1]} ({len(names)} in all)"
+
+
+def check_earlier_run(training_args) -> None:
+    """Refuses to train into an --output_dir that holds an earlier run, unless the flags say what to do
+    (HF's convention): `--resume_from_checkpoint` continues it, `--overwrite_output_dir` starts again and
+    removes, on rank 0, the earlier run's checkpoint-N (and damaged-checkpoint-N) folders and run_summary.json.
+
+    Why remove rather than keep: kept, the old checkpoints would mix with the new run's. `latest` would
+    resume from the old run's higher step, `--save_total_limit` would rotate the new checkpoints out
+    first, and dft-compare would take the folder with the old run_summary.json for a finished run. The
+    earlier model files are left for the new run to overwrite when it saves (the model may be read from
+    this very folder: --model_name_or_path equal to --output_dir).
+
+    Raises:
+        CheckpointError: the folder holds an earlier run and neither flag is given; both are given; or
+            `--resume_from_checkpoint latest` has no checkpoint-N there to continue but a finished run.
+    """
+    output_dir = training_args.output_dir
+    found = earlier_run_files(output_dir)
+    if not found:
+        return
+    overwrite = getattr(training_args, "overwrite_output_dir", False)  # not a TrainingArguments field in transformers 5
+    resume = training_args.resume_from_checkpoint
+    checkpoints = [name for name in found if CHECKPOINT_PATTERN.match(name)]
+    if resume and overwrite:
+        raise CheckpointError(f"--output_dir {output_dir}: --overwrite_output_dir would remove the earlier run ({_names(found)}) that "
+                              "--resume_from_checkpoint continues; give one of the two")
+    if resume == "latest" and not checkpoints:
+        # `latest` with nothing to resume starts from step 0: it would quietly train the finished run again.
+        raise CheckpointError(f"--resume_from_checkpoint latest: {output_dir} has no checkpoint-N to continue, but a finished run "
+                              f"({_names(found)}); train it again from the start with --overwrite_output_dir, or choose another --output_dir")
+    if resume:
+        return
+    if not overwrite:
+        how = "continue it with --resume_from_checkpoint latest, start again with --overwrite_output_dir" if checkpoints else \
+              "train again with --overwrite_output_dir"
+        raise CheckpointError(f"--output_dir {output_dir}: holds an earlier run ({_names(found)}); {how}, or choose another --output_dir")
+    if not is_main_process():  # one rank removes; the others only needed to know that they may go on
+        return
+    damaged = sorted(name for name in os.listdir(output_dir) if DAMAGED_PATTERN.match(name) and os.path.isdir(os.path.join(output_dir, name)))
+    removed = checkpoints + damaged
+    for name in removed:
+        shutil.rmtree(os.path.join(output_dir, name))
+    if RUN_SUMMARY_FILE in found:
+        os.remove(os.path.join(output_dir, RUN_SUMMARY_FILE))
+        removed.append(RUN_SUMMARY_FILE)
+    if removed:
+        logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", _names(removed), output_dir)
 
 
 def _error_reason(err: BaseException) -> str:

@@ -9,35 +9,42 @@ MASTER_PORT / LOCAL_RANK; the HF Trainer and accelerate read them. Two cases nee
   process group first makes every later reader see the real world size.
 * DeepSpeed in one process without a launcher: with no RANK/WORLD_SIZE in the environment DeepSpeed
   tries MPI discovery (mpi4py). A one-process rendezvous on localhost avoids that.
+
+And one launch that cannot work is refused: `accelerate launch --cpu --num_processes 2` starts a single
+process (accelerate runs CPU processes only under MPI, `--mpirun_hostfile`) and tells it neither its rank
+nor the world size, so the run would quietly train alone (see `check_accelerate_launch`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NoReturn
+
+from dftune.errors import UsageError
 
 logger = logging.getLogger("dft.distributed")
 
+# What tells a process its place in a multi-process run: torchrun, deepspeed and `accelerate launch
+# --multi_gpu` export RANK / WORLD_SIZE; mpirun (accelerate's multi-CPU mode) exports its own.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
 
 def deepspeed_requested(argv: list[str]) -> bool:
-    """True when the command line (or its single JSON/YAML config file) names a DeepSpeed config."""
+    """True when the command line or its config file (`run.yaml [flags]`, `--config run.yaml`) names a DeepSpeed config."""
+    from dftune.arguments import read_config_file, split_config_file
+
     if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv):
         return True
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
-        with open(argv[0], encoding="utf-8") as f:
-            if argv[0].endswith(".json"):
-                config = json.load(f)
-            else:
-                import yaml
-
-                config = yaml.safe_load(f)
-        return bool(isinstance(config, dict) and config.get("deepspeed"))
-    return False
+    try:
+        path, _ = split_config_file(argv)
+        return bool(path and read_config_file(path).get("deepspeed"))
+    except ValueError:  # a bad config file: parse_args reports it in one line
+        return False
 
 
 def _free_port() -> int:
@@ -46,14 +53,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_accelerate_launch(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuses a process that `accelerate launch --cpu` started alone although more were asked for.
+
+    accelerate's simple launcher (what `--cpu` uses without MPI) starts one process whatever
+    `--num_processes` says, and exports MASTER_ADDR/MASTER_PORT only when more than one process or machine
+    was asked for; it never exports RANK or WORLD_SIZE. So ACCELERATE_USE_CPU with MASTER_ADDR and no rank
+    variable means that of the N processes asked for only this one runs, training alone (with --num_machines,
+    one such lone run per machine, all writing the same --output_dir).
+
+    Raises:
+        UsageError: naming the launch and the commands that do start N CPU processes.
+    """
+    if environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1", "yes"):
+        return
+    if "MASTER_ADDR" not in environ or any(name in environ for name in RANK_VARIABLES):
+        return
+    raise UsageError(
+        "accelerate launch --cpu started 1 process, not the --num_processes asked for (accelerate runs several CPU "
+        "processes only under MPI, --mpirun_hostfile); for N CPU processes run `accelerate launch --multi_gpu "
+        "--num_processes N train_dft.py ... --use_cpu True` or `torchrun --nproc_per_node N train_dft.py ... --use_cpu True` "
+        "(for one process leave out --num_processes, and unset MASTER_ADDR)"
+    )
+
+
 def prepare_process_group(argv: list[str]) -> None:
     """Opens the gloo process group for DeepSpeed on CPU (see the module docstring); no-op otherwise.
 
     Call before the arguments are parsed. On GPUs, under torchrun without DeepSpeed, and when a process
     group already exists, nothing is done: the Trainer and accelerate set things up themselves.
+
+    Raises:
+        UsageError: `accelerate launch --cpu --num_processes N` started one process (`check_accelerate_launch`).
     """
     import torch
 
+    check_accelerate_launch()
     if torch.cuda.is_available() or not deepspeed_requested(argv):
         return
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -93,6 +128,10 @@ def run_as_script(main: Callable[[], object]) -> NoReturn:
     FAILED. By the time main() returns or exits, everything the run writes is closed (files, checkpoints,
     trackers in RunRecorder.finish); the log handlers and standard streams are flushed here. An unexpected
     exception keeps Python's own ending (traceback, exit 1); a single process exits normally.
+
+    Ctrl-C: during training the first one stops the run with a checkpoint (GracefulStopCallback, exit 130);
+    one at any other time (loading, a second Ctrl-C) ends it here with one line and status 130 instead of a
+    KeyboardInterrupt traceback.
     """
     import torch
 
@@ -101,6 +140,10 @@ def run_as_script(main: Callable[[], object]) -> NoReturn:
         code = 0
     except SystemExit as stop:
         code = _exit_code(stop.code)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); a rerun with --resume_from_checkpoint latest continues from the newest complete "
+              "checkpoint, if any", file=sys.stderr)
+        code = 128 + signal.SIGINT
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         close_process_group()
