@@ -14,7 +14,8 @@ import time
 
 from transformers import HfArgumentParser, set_seed
 
-from dftune.arguments import DataArguments, DFTTrainingArguments, ModelArguments, check_arguments_together, expand_config_file
+from dftune.arguments import DataArguments, DFTTrainingArguments, ModelArguments, check_arguments_together
+from dftune.config_file import expand_config_file
 from dftune.data.build import build_datasets
 from dftune.data.collators import DataCollatorForDFT
 from dftune.data.encoding import format_supervision
@@ -27,15 +28,10 @@ from dftune.errors import EXIT_BAD_INPUT, UsageError
 from dftune.eval.generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError, read_generation_files
 from dftune.model.loading import load_model, load_tokenizer
 from dftune.model.lora import LoraArguments, LoraConfigError, apply_lora, lora_callbacks, save_generation_config, save_merged_model
-from dftune.run.checkpoints import (
-    CheckpointError,
-    add_checkpoint_callbacks,
-    check_output_dirs,
-    prepare_resume,
-    save_failures_as_errors,
-)
+from dftune.run.checkpoints import CheckpointError, add_checkpoint_callbacks, prepare_resume, save_failures_as_errors
 from dftune.run.distributed import log_zero3_partition, prepare_process_group, run_as_script
 from dftune.run.logs import is_main_process, library_log_level, setup_logging, use_logging_for_metrics
+from dftune.run.output_dir import check_output_dirs
 from dftune.run.records import RunRecorder, build_run_config, configure_progress_bars
 from dftune.trainer import DFTTrainer
 

@@ -18,16 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dftune.run.checkpoints import (
-    CheckpointError,
-    check_output_dir,
-    check_output_dirs,
-    latest_complete_checkpoint,
-    list_checkpoints,
-    prepare_resume,
-    resolve_resume_checkpoint,
-)
+from dftune.run.checkpoints import CheckpointError, latest_complete_checkpoint, list_checkpoints, prepare_resume, resolve_resume_checkpoint
 from dftune.run.manifest import COMPLETE_MARKER, file_owner, mark_complete, read_manifest, verify_checkpoint
+from dftune.run.output_dir import check_output_dir, check_output_dirs
 
 from helpers import ROOT, SGD_ARGS, child_env, write_small_data
 

@@ -34,9 +34,9 @@ from dftune.errors import UsageError
 from dftune.eval.generation import GenerationEvalArguments, GenerationEvaluator, GenerationFileError
 from dftune.eval.hooks import generations_path
 from dftune.model.loading import load_tokenizer
-from dftune.run.checkpoints import check_output_dir
 from dftune.run.distributed import run_as_script
 from dftune.run.logs import is_main_process, setup_logging, use_logging_for_metrics
+from dftune.run.output_dir import check_output_dir
 from dftune.trainer import DFTTrainer
 
 EXIT_BAD_INPUT = 2

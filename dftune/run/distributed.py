@@ -36,7 +36,7 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2
 
 def deepspeed_requested(argv: list[str]) -> bool:
     """True when the command line or its config file (`run.yaml [flags]`, `--config run.yaml`) names a DeepSpeed config."""
-    from dftune.arguments import read_config_file, split_config_file
+    from dftune.config_file import read_config_file, split_config_file
 
     if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv):
         return True
