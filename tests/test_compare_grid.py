@@ -59,6 +59,9 @@ def test_grids_multiply_and_bad_grids_are_one_line(tmp_path):
         compare_cli.parse([*base, "--baseline", "asft"])
     val = tmp_path / "val.jsonl"
     val.write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    with pytest.raises(SweepError, match="would share a run folder"):
+        compare_cli.parse([*base, "--grid", "eval_answer_match=regex:a+b,regex:a b", "--select_on", str(val)])
+    val.write_text('{"prompt": "2+2?", "answer": "4"}\n')
     config = compare_cli.parse([*base, "--grid", "learning_rate=1e-4,5e-4", "--select_on", str(val), "--max_steps", "2"])
     assert [v.name for v in config.variants] == ["sft@learning_rate=1e-4", "sft@learning_rate=5e-4", "dft@learning_rate=1e-4",
                                                  "dft@learning_rate=5e-4"]

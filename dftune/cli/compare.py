@@ -166,12 +166,17 @@ def parse(argv: list[str]) -> SweepConfig:
         raise SweepError(f"--baseline {args.baseline}: not one of --variants ({', '.join(v.name for v in variants)}).")
     if args.baseline is not None and not reported:
         raise SweepError("--baseline compares generation results: give --eval_generation_files.")
+    expanded = expand_grid(variants, grids)
+    slugs = [v.slug for v in expanded]
+    if len(set(slugs)) != len(slugs):  # two settings in one folder: one's run would be reused as the other's
+        same = sorted({v.name for v in expanded if slugs.count(v.slug) > 1})
+        raise SweepError(f"--grid: {' and '.join(same)} would share a run folder; write the values differently.")
     eval_flags = pick_flags(train_flags, EVAL_FLAGS)
     has_eval = any(f in eval_flags for f in ("--eval_generation_files", "--eval_data_files"))
     return SweepConfig(
         model_name_or_path=args.model_name_or_path,
         output_dir=args.output_dir,
-        variants=expand_grid(variants, grids),
+        variants=expanded,
         seeds=seeds,
         train_flags=train_flags,
         launcher=args.launcher,
