@@ -166,6 +166,7 @@ def plot_prior(summary: dict, path: str) -> str | None:
             ax.errorbar(xs, ys, yerr=[lows, highs], fmt="-o", capsize=4, label=f"{arm} - sft")
         ax.axhline(0, color="gray", linewidth=0.8)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(steps, [str(n) for n in steps])
         ax.set_title(f"{split}")
         ax.set_xlabel("base pre-training steps")
