@@ -68,3 +68,16 @@ def test_bench_data_reports_conversations_per_second(tiny_model_dir, capsys, mon
     assert 300 < printed["tokenise_map"][0]["mean_tokens"] < 700  # "about 500 tokens"
     assert result["build_datasets"][0]["conversations_per_s"] > 0
     assert set(result["profile_ms_per_conversation"]) == {"render", "render_and_find_spans", "tokenizer", "labels_and_truncation"}
+    assert result["tokenise_map"][0]["renders_per_conversation"] == 1.0  # 3-turn conversations, one render each
+
+
+@pytest.mark.integration
+def test_bench_data_sizes_report_time_and_peak_memory_of_first_and_cached_builds(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    bench = load_script("bench_data")
+    result = bench.main(["--tokenizer", tiny_model_dir, "--sizes", "60", "--workers", "1", "--scratch_dir", str(tmp_path)])
+    [entry] = result["scaling"]
+    assert entry["conversations"] == 60 and result["turns"] == 2
+    for run in ("first_build", "cached"):  # each measured in a child process of its own (the child checks reuse)
+        assert entry[run]["conversations_per_s"] > 0 and 100 < entry[run]["peak_rss_mib"] < 4096
+    assert list(tmp_path.iterdir()) == []  # data files and caches removed

@@ -198,8 +198,11 @@ def _tokenised(batches: Iterator[dict[str, list]], encoder: ConversationTokenize
     if not num_proc or num_proc <= 1 or len(head) < 2:  # one chunk is not worth starting processes for
         yield from map(encoder.to_arrow, itertools.chain(head, batches))
         return
-    # fork where there is one: the workers get the encoder (and its tokenizer) without pickling it.
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    # Not fork: a process that has started threads (the tokenizer's pool, torch, a tracker, logging) can fork
+    # while one of them holds a lock, and the worker then waits on it forever (it did, in the test suite).
+    # forkserver forks each worker from a fresh single-threaded server; the encoder is pickled once per worker.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     with context.Pool(num_proc, initializer=_start_worker, initargs=(encoder,)) as pool:
         pending: collections.deque = collections.deque()
         for batch in itertools.chain(head, batches):
@@ -221,7 +224,7 @@ class _SplitWriter:
         features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32")})
         self.writer = ArrowWriter(features=features, path=path)
         self.lengths: list[np.ndarray] = []
-        self.supervised_tokens = self.truncated = self.rows = 0
+        self.supervised_tokens = self.truncated = self.tokenised = 0
 
     def add(self, table) -> None:
         columns = table.select(["drop_reason", "source", "line", "extra", "notes", "lost_examples"]).to_pydict()
@@ -241,11 +244,11 @@ class _SplitWriter:
         self.truncated += int(np.count_nonzero(table["truncated"].to_numpy()))
         self.supervised_tokens += int(table["supervised"].to_numpy()[kept].sum(dtype=np.int64))
         self.lengths.append(table["length"].to_numpy()[kept])
-        self.rows += int(kept.sum())
+        self.tokenised += len(table)
         self.writer.write_table(table.filter(kept).select(list(TOKENISED_FEATURES)))
 
     def close(self) -> tuple:
-        """(dataset or None when no row was kept, stats). The file's folder becomes what Dataset.save_to_disk
+        """(dataset, empty when every row was dropped, or None when no file had a row; stats). The file's folder becomes what Dataset.save_to_disk
         writes (state.json and dataset_info.json beside it), so datasets.load_from_disk reads it."""
         from datasets import Dataset
 
@@ -259,7 +262,7 @@ class _SplitWriter:
         dataset.info.write_to_directory(directory)
         lengths = np.concatenate(self.lengths).astype(np.int64) if self.lengths else np.zeros(0, dtype=np.int64)
         stats = {"tokens": int(lengths.sum()), "supervised_tokens": self.supervised_tokens, "truncated": self.truncated, "lengths": lengths}
-        return (dataset if self.rows else None), stats
+        return (dataset if self.tokenised else None), stats
 
 
 def _tokenise_files(files: list[str], split: str, first_source: int, strict: bool, encoder: ConversationTokenizer,
