@@ -119,6 +119,43 @@ def test_json_lines_under_a_json_name_and_gzip_and_a_pretty_single_object(tmp_pa
     assert list(iter_records(str(pretty))) == [(1, GOOD, None)]
 
 
+def test_json_lines_are_read_a_line_at_a_time_with_crlf_separators_inside_strings_and_broken_lines(tmp_path):
+    # U+2028 and a form feed are legal raw inside a JSON string; a line is ended by \n or \r\n only.
+    inner = {"messages": [{"role": "user", "content": "a\u2028b\x0cc"}, {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(("\r\n" + json.dumps(inner, ensure_ascii=False) + "\r\n{\"messages\": \r\n" + json.dumps(GOOD) + "\r\n").encode())
+    records = list(iter_records(str(path)))
+    assert [(line, record) for line, record, _ in records] == [(2, inner), (3, None), (4, GOOD)]
+    assert records[1][2] == "broken JSON line" and records[1][2].detail == "Expecting value at column 14"
+    # Memory stays flat: the file object is iterated, never read whole (a 1M-line file is not held).
+    class NoWholeRead:
+        def __init__(self, lines):
+            self.lines = iter(lines)
+
+        def __iter__(self):
+            return self.lines
+
+        def read(self):
+            raise AssertionError("a JSON-lines file was read whole")
+
+    from dftune.data.files import _iter_text_records
+
+    many = NoWholeRead([json.dumps(GOOD) + "\n"] * 1000)
+    assert sum(1 for _ in _iter_text_records("many.jsonl", many)) == 1000
+
+
+def test_pretty_records_and_arrays_after_blank_lines_keep_their_line_numbers(tmp_path):
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text("\n\n" + json.dumps(GOOD, indent=2))
+    assert list(iter_records(str(pretty))) == [(3, GOOD, None)]
+    array = tmp_path / "array.json"
+    array.write_text("\n\n[\n" + json.dumps(GOOD) + ",\n" + json.dumps(GOOD) + "]")
+    assert [line for line, _, _ in iter_records(str(array))] == [4, 5]
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    assert list(iter_records(str(blank))) == []
+
+
 def test_parquet_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

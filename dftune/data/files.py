@@ -15,6 +15,8 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import io
+import itertools
 import json
 import os
 import re
@@ -324,33 +326,48 @@ def iter_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
         return
     try:
         with _open_text(path) as f:
-            text = f.read()
-    except (OSError, EOFError) as err:
+            yield from _iter_text_records(path, f)
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; a truncated .gz fails part-way
         raise DataError(f"{path}: cannot read the file ({err}); fix it or remove it from --data_files") from None
-    if text.lstrip().startswith("["):
-        yield from _iter_json_array(path, text)
+
+
+def _iter_text_records(path: str, f) -> Iterator[tuple[int, Any, str | None]]:
+    """JSON lines are read a line at a time, so memory stays flat in the size of the file; a JSON array
+    or one pretty-printed record is read whole (json has no incremental parser)."""
+    line_number, first = 0, ""
+    for first in f:  # past the blank lines before the first record
+        line_number += 1
+        if first.strip():
+            break
+    if not first.strip():
         return
-    lines = text.splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    try:
-        json.loads(first)
-    except json.JSONDecodeError:
+    if first.lstrip().startswith("["):
+        yield from _iter_json_array(path, "\n" * (line_number - 1) + first + f.read())
+        return
+    if not _parses(first) and not NOT_UTF8_CHARACTER.search(first):
         # Not JSON lines from the first line on: maybe one pretty-printed record.
+        rest = f.read()
         try:
-            record = json.loads(text)
+            record = json.loads(first + rest)
         except json.JSONDecodeError:
-            pass
+            lines = io.StringIO(rest)  # JSON lines after all, broken from the first line on
         else:
-            yield 1, record, None
+            yield line_number, record, None
             return
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if NOT_UTF8_CHARACTER.search(line):
-            yield line_number, None, NOT_UTF8_TEXT
-            continue
-        try:
-            yield line_number, json.loads(line), None
-        except json.JSONDecodeError as err:
-            yield line_number, None, BrokenLine(f"{err.msg} at column {err.colno}")
+    else:
+        lines = f
+    for line in itertools.chain([first], lines):
+        if line.strip():
+            yield _parse_line(line_number, line)
+        line_number += 1
+
+
+def _parse_line(line_number: int, line: str) -> tuple[int, Any, str | None]:
+    if NOT_UTF8_CHARACTER.search(line):
+        return line_number, None, NOT_UTF8_TEXT
+    line = line.rstrip("\r\n")  # a parser's column and line count stay those of the line itself
+    try:
+        return line_number, json.loads(line), None
+    except json.JSONDecodeError as err:
+        return line_number, None, BrokenLine(f"{err.msg} at column {err.colno}")
 
