@@ -8,6 +8,7 @@ See README.md for every flag; `bash scripts/train.sh` wraps this for CPU, one GP
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from dftune.run.distributed import log_zero3_partition, prepare_process_group, r
 from dftune.run.logs import is_main_process, library_log_level, setup_logging, use_logging_for_metrics
 from dftune.run.output_dir import check_output_dirs
 from dftune.run.records import RunRecorder, build_run_config, configure_progress_bars
+from dftune.run.sequence_parallel import check_model_heads
 from dftune.trainer import DFTTrainer
 
 
@@ -46,8 +48,8 @@ def parse_args(argv: list[str] | None = None):
     try:
         # A config file (`run.yaml --max_steps 2`, `--config run.yaml`) becomes flags before the command line's, which win.
         args = parser.parse_args_into_dataclasses(args=expand_config_file(argv, parser.dataclass_types))
-        _, data_args, training_args, _, gen_args = args
-        check_arguments_together(data_args, training_args, gen_args)  # evaluation data, tracker logins
+        model_args, data_args, training_args, _, gen_args = args
+        check_arguments_together(data_args, training_args, gen_args, model_args)  # evaluation data, tracker logins
         return args
     except ValueError as err:  # __post_init__ checks name the flags; transformers' own can run over several lines
         raise UsageError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
@@ -63,6 +65,22 @@ def check_packing(model_args: ModelArguments, model=None) -> None:
         raise UsageError(str(err)) from None
 
 
+def check_sequence_parallel_model(model_args: ModelArguments, training_args: DFTTrainingArguments) -> None:
+    """The model's heads must split over the sequence-parallel ranks: read from its config, before any loading."""
+    from transformers import AutoConfig
+
+    size = training_args.sequence_parallel_size
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    try:
+        check_model_heads(config, size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    logging.getLogger("dft").info(
+        "sequence parallelism: each sequence split over %d ranks (DeepSpeed Ulysses), padded to a multiple of %d tokens; "
+        "data-parallel degree %d", size, size, training_args.world_size // size,
+    )
+
+
 def run(
     model_args: ModelArguments, data_args: DataArguments, training_args: DFTTrainingArguments, lora_args: LoraArguments | None = None,
     gen_args: GenerationEvalArguments | None = None,
@@ -75,23 +93,30 @@ def run(
         library_level=library_log_level(training_args.log_level, training_args.log_level_replica),
     )
     started = time.time()
+    sp_size = training_args.sequence_parallel_size
     set_seed(training_args.seed)
     configure_progress_bars(training_args)
     if data_args.packing:
         check_packing(model_args)
     # A bad generation file stops the run before any data or model work.
     prompts = read_generation_files(gen_args.eval_generation_files, gen_args.eval_generation_max_prompts) if gen_args.eval_generation_files else None
+    if sp_size > 1:
+        check_sequence_parallel_model(model_args, training_args)
     tokenizer = load_tokenizer(model_args)
     setup = prepare_tokenizer(tokenizer, data_args)  # template, missing control tokens, pad token
     train_dataset, eval_dataset, data_summary = build_datasets(data_args, tokenizer, training_args)
     logger.info("training on %d conversations (%s evaluation)", len(train_dataset), len(eval_dataset) if eval_dataset else "no")
     logger.info("first example, supervised tokens in [[ ]]:\n%s", format_supervision(tokenizer, train_dataset[0]["input_ids"], train_dataset[0]["labels"]))
-    data_collator = DataCollatorForDFT(pad_token_id=tokenizer.pad_token_id)
+    sp_size = training_args.sequence_parallel_size
+    # Sequence parallelism shards every tensor along T in equal parts and needs each token's global position.
+    data_collator = DataCollatorForDFT(
+        pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=sp_size if sp_size > 1 else None, with_position_ids=sp_size > 1
+    )
     generation_evaluator = GenerationEvaluator(gen_args, tokenizer, prompts, template_kwargs(data_args)) if prompts else None
     if data_args.packing:
         train_dataset, eval_dataset, data_collator, data_summary["packing"] = apply_packing(
             train_dataset, eval_dataset, data_args.max_length, model_args.attn_implementation, tokenizer.pad_token_id,
-            data_args.preprocessing_num_workers,
+            data_args.preprocessing_num_workers, pad_to_multiple_of=sp_size if sp_size > 1 else None,
         )
     if is_main_process():
         logger.info("data report (%s):\n%s", write_data_report(data_summary, training_args.output_dir), format_data_report(data_summary))

@@ -19,6 +19,7 @@ from dftune.loss import loss_spec_for
 from dftune.loss.core import LossSpec, check_dft_alpha
 from dftune.loss.variants import get_variant, loss_type_help, loss_types, resolve_variant_flags, variant_flags
 from dftune.run.logs import is_main_process
+from dftune.run.sequence_parallel import check_sequence_parallel_flags, parallelism_config
 from dftune.run.trackers import check_tracker_logins, normalize_report_to
 
 ATTN_CHOICES = ["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
@@ -194,6 +195,12 @@ class DFTTrainingArguments(TrainingArguments):
     loss_chunk_size: int = field(
         default=512, metadata={"help": "Supervised tokens per LM-head chunk with --loss_impl chunked."}
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Split each sequence over this many ranks (DeepSpeed Ulysses; needs --deepspeed and sdpa or "
+                          "flash attention): activations per rank ~1/S for long contexts, data-parallel degree = "
+                          "processes / S. Same loss and gradients as 1. See docs/sequence_parallel.md."},
+    )
     enable_gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward (non-reentrant) to save memory."}
     )
@@ -243,6 +250,8 @@ class DFTTrainingArguments(TrainingArguments):
         self.report_to = normalize_report_to(self.report_to)
         if self.loss_chunk_size < 1:
             raise ValueError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
+        if self.sequence_parallel_size < 1:
+            raise ValueError(f"--sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}.")
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
@@ -371,14 +380,21 @@ def check_evaluation_data(data_args: DataArguments, training_args: DFTTrainingAr
         )
 
 
-def check_arguments_together(data_args: DataArguments, training_args: DFTTrainingArguments, gen_args) -> None:
+def check_arguments_together(data_args: DataArguments, training_args: DFTTrainingArguments, gen_args,
+                             model_args: ModelArguments | None = None) -> None:
     """The checks that need several dataclasses or the environment, before any data or model work.
 
     Raises:
         ValueError: an --eval_strategy without evaluation data; a --report_to tracker without a login (checked on
-            rank 0, the only rank that starts tracker runs).
+            rank 0, the only rank that starts tracker runs); a --sequence_parallel_size that cannot run (and
+            otherwise sets transformers' parallelism_config for it).
     """
     check_evaluation_data(data_args, training_args, gen_args)
+    if model_args is not None:
+        size, attn = training_args.sequence_parallel_size, model_args.attn_implementation
+        check_sequence_parallel_flags(size, attn, data_args.packing, training_args.deepspeed, training_args.world_size)
+        if size > 1:
+            training_args.parallelism_config = parallelism_config(size, attn)
     if is_main_process():
         check_tracker_logins(training_args.report_to)
 

@@ -5,8 +5,9 @@ gradient-accumulation micro-batch, gathered over every data-parallel rank) and h
 `compute_loss` as `num_items_in_batch`. Each rank returns sum_t(w_t * CE_t) / N over its own tokens.
 DDP and DeepSpeed then *average* gradients over ranks, i.e. divide by world_size, so each rank's loss
 is multiplied by world_size to end with exactly sum_all(w_t * dCE_t) / N, as Trainer does for its own
-losses (`average_tokens_across_devices`). The loss is already normalised for gradient accumulation,
-so Trainer must not divide it by the number of accumulation steps (`loss_is_scaled_for_ga`).
+losses (`average_tokens_across_devices`). Under sequence parallelism a rank holds a shard of each
+sequence and the divisor is DeepSpeed's (run/sequence_parallel.py). The loss is already normalised
+for gradient accumulation, so Trainer must not divide it by the number of accumulation steps (`loss_is_scaled_for_ga`).
 
 Loss family. `args.loss_spec()` says which loss (dft, sft, asft, eaft; loss/core.py defines them); an
 anchored loss (asft) also runs the reference model (loss/reference.py) on the same inputs first.
@@ -29,11 +30,17 @@ from dftune.eval.hooks import check_compute_metrics, generation_only_init, run_g
 from dftune.loss.chunked import dft_loss_chunked, resolve_loss_impl, unwrap
 from dftune.loss.core import IGNORE_INDEX, STAT_FIELDS, LossSpec, dft_loss_from_logits, metrics_from_stats
 from dftune.loss.reference import ReferenceModel
+from dftune.run.sequence_parallel import gradient_divisor, sequence_parallel_size, ulysses_dataloader_adapter
 
 
 def count_supervised_tokens(batches: list[dict[str, Any]]) -> torch.Tensor | None:
-    """Supervised prediction targets in a list of micro-batches: labels[..., 1:] != IGNORE_INDEX."""
-    if not batches or "labels" not in batches[0]:
+    """Supervised prediction targets in a list of micro-batches: labels[..., 1:] != IGNORE_INDEX, or a
+    sequence-parallel shard's pre-shifted shift_labels != IGNORE_INDEX."""
+    if not batches:
+        return None
+    if "shift_labels" in batches[0]:
+        return sum((batch["shift_labels"] != IGNORE_INDEX).sum() for batch in batches)
+    if "labels" not in batches[0]:
         return None
     return sum((batch["labels"][..., 1:] != IGNORE_INDEX).sum() for batch in batches)
 
@@ -83,6 +90,10 @@ class DFTTrainer(Trainer):
             from transformers.integrations.deepspeed import deepspeed_config
 
             self.reference = ReferenceModel.for_model(self.model, deepspeed_config(), autocast=self.accelerator.autocast)
+            # Under sequence parallelism the reference's attention runs sharded like the policy's.
+            self.reference.sequence_parallel = sequence_parallel_size(self.accelerator) > 1
+        if sequence_parallel_size(self.accelerator) > 1:
+            self.accelerator.deepspeed_ulysses_dl_adapter = ulysses_dataloader_adapter(self.accelerator)
         self.dft_alpha_in_force = float(self.args.dft_alpha)
 
     def current_loss_spec(self) -> LossSpec:
@@ -122,9 +133,17 @@ class DFTTrainer(Trainer):
             )
         return batch_samples, supervised
 
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        if hasattr(dataloader, "skipped"):  # sequence parallelism's loader (run/sequence_parallel.py)
+            return dataloader.skipped(num_batches)
+        return super().get_resumed_dataloader(dataloader, num_batches)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        labels = inputs.pop("labels")  # (B, T), unshifted
+        # (B, T), unshifted; under sequence parallelism (B, T/S) already shifted, so a shard's last position has
+        # the next shard's first token as its target.
+        labels_are_shifted = "shift_labels" in inputs
+        labels = inputs.pop("shift_labels") if labels_are_shifted else inputs.pop("labels")
         # Trainer asks Liger-patched models to skip logits in evaluation and compute their own loss
         # from labels; the model never gets labels here (it must not compute a loss of its own).
         inputs.pop("skip_logits", None)
@@ -143,16 +162,18 @@ class DFTTrainer(Trainer):
         if self.loss_impl == "chunked":
             result, outputs = dft_loss_chunked(
                 model, inputs, labels, spec, step_tokens, chunk_size=self.args.loss_chunk_size,
-                matmul_dtype=self._head_dtype, reference=self.reference,
+                matmul_dtype=self._head_dtype, reference=self.reference, labels_are_shifted=labels_are_shifted,
             )
         else:
             ref_logits = self.reference.logits(unwrap(model), inputs) if spec.anchored else None  # (B, T, V)
             outputs = model(**inputs, use_cache=False)
-            result = dft_loss_from_logits(outputs.logits, labels, spec, step_tokens, ref_logits=ref_logits)
+            result = dft_loss_from_logits(
+                outputs.logits, labels, spec, step_tokens, labels_are_shifted=labels_are_shifted, ref_logits=ref_logits
+            )
         loss = result.loss
         if training and num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP / ZeRO average gradients over ranks; undo that average (see module docstring).
-            loss = loss * self.accelerator.num_processes
+            loss = loss * gradient_divisor(self.accelerator)
         self._add_stats("train" if training else "eval", result.stats)
         return (loss, outputs) if return_outputs else loss
 

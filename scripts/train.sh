@@ -10,6 +10,7 @@
 #   LOG_DIR [OUTPUT_DIR/logs]  NUM_GPUS [all visible]  NUM_PROCS [1: CPU processes when NUM_GPUS is 0]
 #   DS_CONFIG [ds_config/zero3.json on GPUs; on CPU only when set]  NNODES [1]  HOSTFILE
 #   MASTER_ADDR [127.0.0.1]  MASTER_PORT [a free port; 29500 with NNODES > 1]  DFT_ALPHA [unset: the --loss_type's own]  PYTHON [python]
+#   SEQUENCE_PARALLEL_SIZE [1; S splits each sequence over S processes, DeepSpeed Ulysses: docs/sequence_parallel.md]
 #   DRY_RUN [0; 1 prints the command and exits]
 #
 # Launchers: GPUs -> `deepspeed --num_gpus NUM_GPUS` (with --hostfile for NNODES > 1) and DS_CONFIG;
@@ -61,6 +62,7 @@ NNODES="${NNODES:-1}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 NUM_PROCS="${NUM_PROCS:-1}"
 DFT_ALPHA="${DFT_ALPHA:-}"
+SEQUENCE_PARALLEL_SIZE="${SEQUENCE_PARALLEL_SIZE:-1}"
 PYTHON="${PYTHON:-python}"
 if [ -z "${MASTER_PORT:-}" ] && [ "$NNODES" = 1 ]; then
   # One machine: a free port, so that two runs at once (compare.py --parallel, two jobs on one 8-GPU node)
@@ -89,6 +91,7 @@ ARGS=(
 )
 # Only when set: --loss_type sft (e.g. from dft-compare) refuses an explicit --dft_alpha.
 if [ -n "$DFT_ALPHA" ]; then ARGS+=(--dft_alpha "$DFT_ALPHA"); fi
+if [ "$SEQUENCE_PARALLEL_SIZE" != 1 ]; then ARGS+=(--sequence_parallel_size "$SEQUENCE_PARALLEL_SIZE"); fi
 if [ "$DEMO_MODEL" = 1 ]; then
   # Demo settings for the tiny model; any of them can be overridden by extra arguments.
   ARGS+=(--num_train_epochs 3 --per_device_train_batch_size 8 --learning_rate 2e-3 --lr_scheduler_type cosine

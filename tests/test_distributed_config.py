@@ -33,7 +33,7 @@ def test_ds_config_leaves_the_numbers_to_the_command_line(name):
 
 
 TRAIN_SH_VARIABLES = ("MODEL", "DATA_FILES", "OUTPUT_DIR", "LOG_DIR", "NUM_GPUS", "NUM_PROCS", "DS_CONFIG", "NNODES", "HOSTFILE", "PYTHON",
-                      "MASTER_PORT", "DFT_ALPHA", "DRY_RUN")
+                      "MASTER_PORT", "DFT_ALPHA", "DRY_RUN", "SEQUENCE_PARALLEL_SIZE")
 
 
 def dry_run(env: dict[str, str], *extra: str, cwd=ROOT) -> str:
@@ -53,6 +53,12 @@ def test_train_sh_gpu_commands():
     assert eight.startswith("deepspeed --num_gpus 8 ") and "--deepspeed ds_config/zero3_offload.json" in eight
     nodes = dry_run({"NUM_GPUS": "8", "NNODES": "2", "HOSTFILE": "hosts", "MASTER_ADDR": "10.0.0.1", "MODEL": "/models/m"})
     assert nodes.startswith("deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 --master_addr 10.0.0.1 --master_port 29500 train_dft.py")
+
+
+def test_train_sh_passes_the_sequence_parallel_size():
+    command = dry_run({"NUM_GPUS": "8", "MODEL": "/models/m", "SEQUENCE_PARALLEL_SIZE": "4"})
+    assert "--sequence_parallel_size 4" in command and "--deepspeed ds_config/zero3.json" in command
+    assert "--sequence_parallel_size" not in dry_run({"NUM_GPUS": "8", "MODEL": "/models/m"})
 
 
 def test_train_sh_multi_node_needs_a_hostfile():

@@ -14,11 +14,14 @@ from dftune.loss.core import IGNORE_INDEX
 class DataCollatorForDFT:
     """Pads a list of {"input_ids", "labels"} rows (right padding) into a batch.
 
-    Output: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX on padding.
+    Output: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX on padding, and with
+    `with_position_ids` position_ids (B, T) = 0..T-1 per row: sequence parallelism shards every tensor along T
+    and needs each token's global position (padding sits at the end, after every real token).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    with_position_ids: bool = False
 
     def __post_init__(self):
         if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
@@ -39,4 +42,7 @@ class DataCollatorForDFT:
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
             attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.with_position_ids:
+            batch["position_ids"] = torch.arange(longest, dtype=torch.long).expand(batch_size, longest).contiguous()
+        return batch

@@ -179,10 +179,13 @@ class DataCollatorForPacking:
     flatten=False: rows right-padded to the longest, (B, T); the padding of a row is a segment of its
     own (position_ids restart at 0, labels IGNORE_INDEX), so no real token attends to it.
     A row without `sequence_lengths` is one conversation.
+    pad_to_multiple_of: the length (flattened or padded) is rounded up with one more padding segment
+    (sequence parallelism shards it into equal parts).
     """
 
     pad_token_id: int
     flatten: bool = True
+    pad_to_multiple_of: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
@@ -204,12 +207,19 @@ class DataCollatorForPacking:
             label_rows.append(labels)
             position_rows.append(_positions(sequence_lengths))
         if self.flatten:
+            short = -sum(len(row) for row in input_rows) % (self.pad_to_multiple_of or 1)
+            if short:  # a padding segment of its own, as in rows mode
+                input_rows.append(torch.full((short,), self.pad_token_id, dtype=torch.long))
+                label_rows.append(torch.full((short,), IGNORE_INDEX, dtype=torch.long))
+                position_rows.append(torch.arange(short))
             return {
                 "input_ids": torch.cat(input_rows).unsqueeze(0),  # (1, total)
                 "labels": torch.cat(label_rows).unsqueeze(0),  # (1, total)
                 "position_ids": torch.cat(position_rows).unsqueeze(0),  # (1, total)
             }
         longest = max(len(row) for row in input_rows)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch_size = len(input_rows)
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
@@ -225,7 +235,7 @@ class DataCollatorForPacking:
 
 # ---- wiring (called from train_dft.run) ----------------------------------------------------------
 def apply_packing(train_dataset, eval_dataset, max_length: int, attn_implementation: str, pad_token_id: int,
-                  num_proc: int | None = None):
+                  num_proc: int | None = None, pad_to_multiple_of: int | None = None):
     """Packs the training (and evaluation) conversations and picks the collator.
 
     Returns (train_dataset, eval_dataset, collator, stats) where stats are `packing_stats` of the
@@ -236,5 +246,7 @@ def apply_packing(train_dataset, eval_dataset, max_length: int, attn_implementat
     if eval_dataset is not None:
         eval_dataset = pack_dataset(eval_dataset, max_length, num_proc)
     stats = packing_stats(train_dataset, max_length)  # reported once, in the data report's "packing:" line
-    collator = DataCollatorForPacking(pad_token_id=pad_token_id, flatten=attn_implementation in FLATTEN_ATTENTION)
+    collator = DataCollatorForPacking(
+        pad_token_id=pad_token_id, flatten=attn_implementation in FLATTEN_ATTENTION, pad_to_multiple_of=pad_to_multiple_of
+    )
     return train_dataset, eval_dataset, collator, stats

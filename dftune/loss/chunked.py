@@ -122,14 +122,15 @@ def dft_loss_from_hidden(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     matmul_dtype: torch.dtype | None = None,
     reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    labels_are_shifted: bool = False,
 ) -> DFTLossOutput:
     """Chunked loss from the backbone's last hidden states (pure function).
 
     Args:
         hidden_states: (B, T, H) final hidden states (after the final norm), any float dtype.
         lm_head_weight: (V, H) output projection (tied or not).
-        labels: (B, T) unshifted labels with IGNORE_INDEX.
-        spec, num_items_in_batch: as in `dft_loss.dft_loss_from_logits`.
+        labels: (B, T) labels with IGNORE_INDEX; unshifted (HF convention) unless `labels_are_shifted`.
+        spec, num_items_in_batch, labels_are_shifted: as in `dft_loss_from_logits` (loss/core.py).
         lm_head_bias: (V,) or None.
         chunk_size: supervised tokens per chunk; peak extra memory ~ chunk_size x V x 6 bytes (x 3 with
             an anchor: the reference's logits and its softmax).
@@ -145,7 +146,7 @@ def dft_loss_from_hidden(
         raise ValueError(f"--loss_chunk_size must be >= 1, got {chunk_size}.")
     if spec.anchored and reference is None:
         raise ValueError("--loss_type asft needs the reference model's hidden states")
-    targets = shift_labels(labels)  # (B, T)
+    targets = labels if labels_are_shifted else shift_labels(labels)  # (B, T)
     mask = targets != IGNORE_INDEX
     selected_hidden = hidden_states[mask]  # (n, H)
     selected_targets = targets[mask]  # (n,)
@@ -238,12 +239,13 @@ def forward_without_head(model, inputs: dict):
 
 def dft_loss_chunked(
     model, inputs: dict, labels: torch.Tensor, spec: LossSpec | float, num_items_in_batch, chunk_size: int,
-    matmul_dtype: torch.dtype | None = None, reference=None,
+    matmul_dtype: torch.dtype | None = None, reference=None, labels_are_shifted: bool = False,
 ):
     """Runs `model` (possibly DDP/DeepSpeed/peft-wrapped) without its LM head and returns
     (DFTLossOutput, model outputs). The wrapper's own forward is called, so DDP and ZeRO hooks run.
     `matmul_dtype`: the autocast dtype under --bf16/--fp16 (autocast wraps only the model's forward).
     `reference`: a `dft_reference.ReferenceModel` (anchored specs); it runs first, without its head too.
+    `labels_are_shifted`: labels[b, t] is the target of position t (a sequence-parallel shard's shift_labels).
     """
     spec = as_spec(spec)
     ref_hidden = ref_head = None
@@ -255,7 +257,8 @@ def dft_loss_chunked(
     with _gathered(weight, bias, ref_weight, ref_bias):
         ref = (ref_hidden, ref_weight, ref_bias) if ref_head is not None else None
         result = dft_loss_from_hidden(
-            hidden, weight, labels, spec, num_items_in_batch, bias, chunk_size, matmul_dtype, reference=ref
+            hidden, weight, labels, spec, num_items_in_batch, bias, chunk_size, matmul_dtype, reference=ref,
+            labels_are_shifted=labels_are_shifted,
         )
     return result, outputs
 

@@ -8,7 +8,10 @@
   ZeRO-3 like the trained model (stage 0, a full copy per rank, under ZeRO-1/2).
 
 Its forward gets the same inputs as the policy's (position_ids too, so packed rows work), under the
-same autocast, without gradients. At step 0 policy and reference compute bitwise the same logits,
+same autocast, without gradients. Under sequence parallelism those inputs are a shard of each sequence and
+its attention must run sharded too: DeepSpeed's Ulysses attention is skipped for a module in eval mode
+(so that evaluation runs whole sequences), so the frozen copy's attention modules are put in training
+mode, with their attention dropout at 0, for the length of its forward. At step 0 policy and reference compute bitwise the same logits,
 so the anchor is exactly 0.
 """
 
@@ -44,6 +47,19 @@ def _zero3_copy(model, ds_config: dict):
     return copied
 
 
+@contextlib.contextmanager
+def _attention_in_training_mode(model):
+    """Attention modules (those with an `attention_dropout`) in training mode without dropout, then back."""
+    saved = [(m, m.training, m.attention_dropout) for m in model.modules() if hasattr(m, "attention_dropout")]
+    try:
+        for module, _, _ in saved:
+            module.training, module.attention_dropout = True, 0.0
+        yield
+    finally:
+        for module, training, dropout in saved:
+            module.training, module.attention_dropout = training, dropout
+
+
 class ReferenceModel:
     """Runs the reference forward for the anchored loss (see the module docstring).
 
@@ -56,6 +72,7 @@ class ReferenceModel:
         self.frozen = frozen
         self.autocast = autocast
         self._prepared = frozen is None
+        self.sequence_parallel = False  # set by the trainer (see the module docstring)
 
     @classmethod
     def for_model(cls, model, ds_config: dict | None = None, autocast=contextlib.nullcontext) -> ReferenceModel:
@@ -82,6 +99,9 @@ class ReferenceModel:
         config = copy.deepcopy(plugin.deepspeed_config)
         config.pop("optimizer", None)
         config.pop("scheduler", None)
+        # Under sequence parallelism the trainer's batch is per data-parallel group; DeepSpeed, given no mpu here,
+        # would check it against every rank. A reference never steps: let DeepSpeed derive it.
+        config.pop("train_batch_size", None)
         if config.get("zero_optimization", {}).get("stage") != 3:
             config["zero_optimization"] = {"stage": 0}  # a full copy per rank; nothing to shard without training
         engine, *_ = deepspeed.initialize(model=self.frozen, config=config)
@@ -98,6 +118,8 @@ class ReferenceModel:
         stack.enter_context(self.autocast())
         if self.frozen is None:
             stack.enter_context(policy.disable_adapter())
+        elif self.sequence_parallel:
+            stack.enter_context(_attention_in_training_mode(self.frozen))
         return stack
 
     def _module(self, policy):

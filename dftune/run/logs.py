@@ -187,11 +187,17 @@ class LogMetricsCallback(TrainerCallback):
         self.first_step = state.global_step
         if state.is_world_process_zero and state.max_steps:
             # What transformers' "***** Running training *****" block said, which its WARNING level now hides.
-            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            # A sequence-parallel group of S ranks works on one sequence at a time: world_size / S sequences in parallel.
+            sp_size = getattr(args, "sequence_parallel_size", 1)
+            parallel = args.world_size // sp_size
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * parallel
+            ranks = f"{args.world_size} process{'es' if args.world_size > 1 else ''}"
+            if sp_size > 1:
+                ranks = f"{ranks} / {sp_size} sequence-parallel"
             logger.info(
-                "training %d step%s, %d sequences a step (%d per device x %d accumulated x %d process%s)",
+                "training %d step%s, %d sequences a step (%d per device x %d accumulated x %s)",
                 state.max_steps, "s" if state.max_steps > 1 else "", per_step, args.per_device_train_batch_size,
-                args.gradient_accumulation_steps, args.world_size, "es" if args.world_size > 1 else "",
+                args.gradient_accumulation_steps, ranks,
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
