@@ -93,7 +93,9 @@ class DFTTrainer(Trainer):
             # Under sequence parallelism the reference's attention runs sharded like the policy's.
             self.reference.sequence_parallel = sequence_parallel_size(self.accelerator) > 1
         if sequence_parallel_size(self.accelerator) > 1:
-            self.accelerator.deepspeed_ulysses_dl_adapter = ulysses_dataloader_adapter(self.accelerator)
+            self.accelerator.deepspeed_ulysses_dl_adapter = ulysses_dataloader_adapter(
+                self.accelerator, self.args.per_device_train_batch_size
+            )
         self.dft_alpha_in_force = float(self.args.dft_alpha)
 
     def current_loss_spec(self) -> LossSpec:

@@ -14,7 +14,7 @@ from dftune.data.collators import DataCollatorForDFT
 from dftune.data.packing import DataCollatorForPacking
 from dftune.loss.chunked import dft_loss_from_hidden
 from dftune.loss.core import IGNORE_INDEX, dft_loss_from_logits, shift_labels
-from dftune.run.sequence_parallel import _pad_to, check_model_heads, check_sequence_parallel_flags, parallelism_config
+from dftune.run.sequence_parallel import _pad_rows, _pad_to, check_model_heads, check_sequence_parallel_flags, parallelism_config
 from dftune.trainer import count_supervised_tokens
 
 pytestmark = pytest.mark.unit
@@ -98,6 +98,10 @@ def test_equal_length_padding_keeps_every_real_token_and_counts_positions_on():
     assert _pad_to("labels", torch.tensor([[7, 8, 9]]), 5).tolist() == [[7, 8, 9, -100, -100]]
     assert _pad_to("attention_mask", torch.tensor([[1, 1, 1]]), 4).tolist() == [[1, 1, 1, 0]]
     assert _pad_to("input_ids", torch.tensor([[7, 8, 9]]), 3).tolist() == [[7, 8, 9]]
+    # An epoch's last, smaller batch gets rows without a supervised token (Ulysses' batch size is fixed).
+    assert _pad_rows("labels", torch.tensor([[7, 8]]), 3).tolist() == [[7, 8], [-100, -100], [-100, -100]]
+    assert _pad_rows("position_ids", torch.tensor([[0, 1]]), 2).tolist() == [[0, 1], [0, 1]]
+    assert _pad_rows("attention_mask", torch.tensor([[1, 1]]), 2).tolist() == [[1, 1], [0, 0]]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

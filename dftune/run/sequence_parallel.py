@@ -114,15 +114,18 @@ PAD_VALUES = {"labels": -100, "attention_mask": 0}
 
 
 class EqualLengthBatches:
-    """Pads each batch of a DataLoader to the longest of its sequence group (rounded to a multiple of S).
+    """Pads each batch of a DataLoader to `rows` sequences and, with `equal_lengths`, to the longest of its
+    sequence group (rounded to a multiple of S).
 
-    DeepSpeed's adapter all-gathers the group's batches, whose lengths differ; NCCL takes that, gloo (CPU)
-    refuses ("invalid tensor size"). Padding goes after every real token (labels -100, attention_mask 0,
-    position_ids counting on), so it changes no real token's logits and no loss term.
+    Ulysses' attention is built for a fixed micro-batch size, so an epoch's last, smaller batch would stop the
+    run: it gets rows with no supervised token. DeepSpeed's adapter all-gathers the group's batches, whose
+    lengths differ; NCCL takes that, gloo (CPU) refuses ("invalid tensor size"). Padding goes after every real
+    token or row (labels -100, attention_mask 0, position_ids counting on), so it changes no real token's
+    logits, no loss term and no token count.
     """
 
-    def __init__(self, dataloader, group, size: int):
-        self.dataloader, self.group, self.size = dataloader, group, size
+    def __init__(self, dataloader, group, size: int, rows: int, equal_lengths: bool):
+        self.dataloader, self.group, self.size, self.rows, self.equal_lengths = dataloader, group, size, rows, equal_lengths
 
     def __len__(self):
         return len(self.dataloader)
@@ -135,10 +138,27 @@ class EqualLengthBatches:
         import torch.distributed as dist
 
         for batch in self.dataloader:
-            length = torch.tensor([batch["input_ids"].shape[1]], dtype=torch.int64)
-            dist.all_reduce(length, op=dist.ReduceOp.MAX, group=self.group)
-            target = -(-int(length) // self.size) * self.size
-            yield {key: _pad_to(key, value, target) for key, value in batch.items()}
+            if batch["input_ids"].shape[0] < self.rows:
+                batch = {key: _pad_rows(key, value, self.rows) for key, value in batch.items()}
+            if self.equal_lengths:
+                length = torch.tensor([batch["input_ids"].shape[1]], dtype=torch.int64)
+                dist.all_reduce(length, op=dist.ReduceOp.MAX, group=self.group)
+                target = -(-int(length) // self.size) * self.size
+                batch = {key: _pad_to(key, value, target) for key, value in batch.items()}
+            yield batch
+
+
+def _pad_rows(key: str, value, rows: int):
+    import torch
+
+    if not torch.is_tensor(value) or value.dim() < 2 or value.shape[0] >= rows:
+        return value
+    extra = rows - value.shape[0]
+    if key == "position_ids":
+        tail = torch.arange(value.shape[1], dtype=value.dtype, device=value.device).expand(extra, -1)
+    else:
+        tail = value.new_full((extra, *value.shape[1:]), PAD_VALUES.get(key, 0))
+    return torch.cat([value, tail], dim=0)
 
 
 def _pad_to(key: str, value, target: int):
@@ -154,17 +174,16 @@ def _pad_to(key: str, value, target: int):
     return torch.cat([value, tail], dim=1)
 
 
-def ulysses_dataloader_adapter(accelerator):
-    """A replacement for `accelerator.deepspeed_ulysses_dl_adapter`: DeepSpeed's adapter (`sequence_parallel_loader`),
-    with lengths equalised first on gloo."""
+def ulysses_dataloader_adapter(accelerator, rows: int):
+    """A replacement for `accelerator.deepspeed_ulysses_dl_adapter`: DeepSpeed's adapter (`sequence_parallel_loader`)
+    over batches of `rows` sequences (--per_device_train_batch_size), of equal lengths on gloo."""
 
     def adapter(dataloader, model):
         import torch.distributed as dist
         from deepspeed.utils import groups
 
         size, group = groups._get_sequence_parallel_world_size(), groups._get_sequence_parallel_group()
-        if dist.get_backend() == "gloo":
-            dataloader = EqualLengthBatches(dataloader, group, size)
+        dataloader = EqualLengthBatches(dataloader, group, size, rows, equal_lengths=dist.get_backend() == "gloo")
         return sequence_parallel_loader(dataloader, groups._get_sequence_parallel_rank(), group, size, model.device)
 
     return adapter
@@ -186,7 +205,8 @@ def sequence_parallel_loader(dataloader, rank: int, group, size: int, device):
             batches, shards = divmod(num_batches, self.sp_world_size)
             inner = self.dl
             if isinstance(inner, EqualLengthBatches):
-                inner = EqualLengthBatches(skip_first_batches(inner.dataloader, batches), inner.group, inner.size)
+                inner = EqualLengthBatches(skip_first_batches(inner.dataloader, batches), inner.group, inner.size, inner.rows,
+                                           inner.equal_lengths)
             else:
                 inner = skip_first_batches(inner, batches)
             loader = sequence_parallel_loader(inner, self.sp_rank, self.sp_group, self.sp_world_size, self.device)
