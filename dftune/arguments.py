@@ -390,11 +390,10 @@ def check_arguments_together(data_args: DataArguments, training_args: DFTTrainin
             otherwise sets transformers' parallelism_config for it).
     """
     check_evaluation_data(data_args, training_args, gen_args)
-    if model_args is not None:
+    if model_args is not None and training_args.sequence_parallel_size > 1:  # world_size sets up devices: only then
         size, attn = training_args.sequence_parallel_size, model_args.attn_implementation
         check_sequence_parallel_flags(size, attn, data_args.packing, training_args.deepspeed, training_args.world_size)
-        if size > 1:
-            training_args.parallelism_config = parallelism_config(size, attn)
+        training_args.parallelism_config = parallelism_config(size, attn)
     if is_main_process():
         check_tracker_logins(training_args.report_to)
 
