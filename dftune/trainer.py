@@ -7,7 +7,8 @@ DDP and DeepSpeed then *average* gradients over ranks, i.e. divide by world_size
 is multiplied by world_size to end with exactly sum_all(w_t * dCE_t) / N, as Trainer does for its own
 losses (`average_tokens_across_devices`). Under sequence parallelism a rank holds a shard of each
 sequence and the divisor is DeepSpeed's (run/sequence_parallel.py). The loss is already normalised
-for gradient accumulation, so Trainer must not divide it by the number of accumulation steps (`loss_is_scaled_for_ga`).
+for gradient accumulation, so Trainer must not divide it by the number of accumulation steps
+(`loss_is_scaled_for_ga`).
 
 Loss family. `args.loss_spec()` says which loss (dft, sft, asft, eaft; loss/core.py defines them); an
 anchored loss (asft) also runs the reference model (loss/reference.py) on the same inputs first.
@@ -86,13 +87,16 @@ class DFTTrainer(Trainer):
         # Autocast wraps only the model's forward; the chunked LM head runs in the same 16-bit dtype.
         self._head_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         self.reference: ReferenceModel | None = None
+        sp_size = sequence_parallel_size(self.accelerator)
+        # What DDP / DeepSpeed divide the ranks' summed gradients by (fixed for the run; see the module docstring).
+        self._gradient_divisor = gradient_divisor(self.accelerator)
         if self.args.loss_spec().anchored:  # the starting weights, before any step or resumed checkpoint
             from transformers.integrations.deepspeed import deepspeed_config
 
             self.reference = ReferenceModel.for_model(self.model, deepspeed_config(), autocast=self.accelerator.autocast)
             # Under sequence parallelism the reference's attention runs sharded like the policy's.
-            self.reference.sequence_parallel = sequence_parallel_size(self.accelerator) > 1
-        if sequence_parallel_size(self.accelerator) > 1:
+            self.reference.sequence_parallel = sp_size > 1
+        if sp_size > 1:
             self.accelerator.deepspeed_ulysses_dl_adapter = ulysses_dataloader_adapter(
                 self.accelerator, self.args.per_device_train_batch_size
             )
@@ -175,7 +179,7 @@ class DFTTrainer(Trainer):
         loss = result.loss
         if training and num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP / ZeRO average gradients over ranks; undo that average (see module docstring).
-            loss = loss * gradient_divisor(self.accelerator)
+            loss = loss * self._gradient_divisor
         self._add_stats("train" if training else "eval", result.stats)
         return (loss, outputs) if return_outputs else loss
 

@@ -248,7 +248,8 @@ class _SplitWriter:
         self.writer.write_table(table.filter(kept).select(list(TOKENISED_FEATURES)))
 
     def close(self) -> tuple:
-        """(dataset, empty when every row was dropped, or None when no file had a row; stats). The file's folder becomes what Dataset.save_to_disk
+        """(dataset, empty when every row was dropped, or None when no file had a row; stats). The file's
+        folder becomes what Dataset.save_to_disk
         writes (state.json and dataset_info.json beside it), so datasets.load_from_disk reads it."""
         from datasets import Dataset
 

@@ -11,8 +11,9 @@ Its forward gets the same inputs as the policy's (position_ids too, so packed ro
 same autocast, without gradients. Under sequence parallelism those inputs are a shard of each sequence and
 its attention must run sharded too: DeepSpeed's Ulysses attention is skipped for a module in eval mode
 (so that evaluation runs whole sequences), so the frozen copy's attention modules are put in training
-mode, with their attention dropout at 0, for the length of its forward. At step 0 policy and reference compute bitwise the same logits,
-so the anchor is exactly 0.
+mode, with their attention dropout at 0, for the length of its forward.
+
+At step 0 policy and reference compute bitwise the same logits, so the anchor is exactly 0.
 """
 
 from __future__ import annotations

@@ -23,10 +23,6 @@ and `num_items_in_batch` and averages per sample):
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger("dft.sequence_parallel")
-
 # Attention kernels Ulysses can call on the gathered sequence (eager would need a T x T mask).
 SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # Those that keep packed conversations apart under SP: Ulysses drops the attention mask, and only the flash
