@@ -24,8 +24,7 @@ from helpers import SAMPLE_FILES, TINY_MODEL
 
 pytestmark = pytest.mark.unit  # the file's tier; a test marked integration or distributed belongs to that one
 
-ONE_RENDER = ("qwen2.5", "llama3.2", "chatml_on_base")  # their layout is probed as cuttable
-PER_TURN = ("qwen3", "deepseek_r1", "mistral_v0.1")  # history rewritten, or no generation prompt to anchor on
+REAL_SETUPS = ("qwen2.5", "llama3.2", "chatml_on_base", "qwen3", "deepseek_r1", "mistral_v0.1")
 
 
 def conversation(turns: int, seed: int = 0) -> list[dict]:
@@ -64,20 +63,34 @@ def test_a_ten_turn_conversation_is_rendered_once():
     assert fast == reference and len(fast[0][0][1]) == 10
 
 
-@pytest.mark.parametrize("setup", ONE_RENDER + PER_TURN)
-def test_renders_per_conversation_do_not_grow_with_the_turns_where_the_layout_allows(real_tokenizer, setup):
-    encoder = ConversationTokenizer(load(real_tokenizer, setup), 4096)
+def with_reasoning(messages: list[dict]) -> list[dict]:
+    """`messages` with a reasoning field on every answer (templates without one get it inlined as <think>)."""
+    return [{**m, "reasoning_content": f"Think about {m['content'].split()[1]}."} if m["role"] == "assistant" else m for m in messages]
+
+
+@pytest.mark.parametrize("options", [MaskingOptions(), MaskingOptions(chat_template_kwargs=(("enable_thinking", False),))],
+                         ids=["default", "enable_thinking false"])
+@pytest.mark.parametrize("kind", ["plain", "reasoning"])
+@pytest.mark.parametrize("setup", REAL_SETUPS)
+def test_renders_per_conversation_do_not_grow_with_the_turns_on_every_real_template(real_tokenizer, setup, kind, options):
+    """Qwen3 (the last turn gets a think block), DeepSeek-R1 (the prompt opens one) and Mistral v0.1 (no
+    generation prompt) included: one render per conversation at 1, 4 and 10 turns, the reference's result."""
+    encoder = ConversationTokenizer(load(real_tokenizer, setup), 4096, options)
     calls = counting(encoder)
-    counts = []
+    counts, extra = [], 0
     for turns in (1, 4, 10):
         calls[0] = 0
-        messages = conversation(turns)
-        assert encoder.supervised_examples(messages) == encoder.supervised_examples_by_rendering(messages)
+        messages = conversation(turns) if kind == "plain" else with_reasoning(conversation(turns))
+        found = encoder.supervised_examples(messages)
+        assert calls[0] == 1
+        assert found == encoder.supervised_examples_by_rendering(messages)
         counts.append(calls[0] - (1 + 2 * turns))  # less the reference's own renders
-    if setup in ONE_RENDER:
-        assert encoder.layout is not None and counts == [1, 1, 1]
-    else:
-        assert encoder.layout is None and counts == [1 + 2 * turns for turns in (1, 4, 10)]
+        extra += len(found[0]) - 1
+    assert counts == [1, 1, 1]
+    # Turns trained as examples of their own, cut out of the one rendering too: Qwen3's earlier turns (only
+    # the last has a think block), and every DeepSeek-R1 turn with reasoning (dropped from its rendering).
+    expected = {"qwen3": 0 + 3 + 9, "deepseek_r1": 1 + 4 + 10 if kind == "reasoning" else 0}.get(setup, 0)
+    assert extra == expected
 
 
 def all_test_conversations() -> list[tuple[str, list[dict], str | None]]:
@@ -100,6 +113,11 @@ def all_test_conversations() -> list[tuple[str, list[dict], str | None]]:
         {"role": "user", "content": "and Rome?"},
         {"role": "assistant", "content": "Checking.", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
         {"role": "tool", "content": "25"}, {"role": "assistant", "content": "25 degrees."}]}
+    extra["reasoning in every turn"] = {"messages": [
+        {"role": "system", "content": "Think first."}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "reasoning_content": "Add them.", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "<think>\nAdd again.\n</think>\n\n6"}, {"role": "user", "content": "thanks"},
+        {"role": "assistant", "reasoning_content": "Be polite.", "content": "You are welcome."}]}
     extra["system mid-conversation, two user turns"] = {"messages": [
         {"role": "user", "content": "a"}, {"role": "user", "content": "a2"}, {"role": "assistant", "content": "one"},
         {"role": "system", "content": "mid"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "  two  "}]}
@@ -123,14 +141,20 @@ def examples_or_error(encoder, messages, tools, by_rendering: bool):
 
 def assert_same_as_per_turn_renders(encoder: ConversationTokenizer) -> dict[str, int]:
     """Every test conversation: the one-render result equals the reference; returns how many conversations
-    had extra examples and how many were dropped, so the caller knows the comparison covered those cases."""
-    seen = {"extra": 0, "dropped": 0}
+    had extra examples, how many of those were cut out of one rendering, and how many were dropped, so the
+    caller knows the comparison covered those cases."""
+    seen = {"extra": 0, "extra in one render": 0, "dropped": 0}
+    calls = counting(encoder)
     for where, messages, tools in all_test_conversations():
+        calls[0] = 0
         fast = examples_or_error(encoder, messages, tools, by_rendering=False)
+        one_render = calls[0] == 1
         reference = examples_or_error(encoder, messages, tools, by_rendering=True)
         assert fast == reference, where
         seen["dropped"] += isinstance(reference, str)
-        seen["extra"] += not isinstance(reference, str) and TURN_EXAMPLES in reference[1]
+        extra = not isinstance(reference, str) and TURN_EXAMPLES in reference[1]
+        seen["extra"] += extra
+        seen["extra in one render"] += extra and one_render
     return seen
 
 
@@ -141,7 +165,7 @@ def assert_same_as_per_turn_renders(encoder: ConversationTokenizer) -> dict[str,
 def test_one_render_spans_equal_the_per_turn_renders_on_all_test_data(real_tokenizer, setup, options):
     seen = assert_same_as_per_turn_renders(ConversationTokenizer(load(real_tokenizer, setup), 4096, options))
     if setup in ("qwen3", "deepseek_r1") and options.train_on_turns == "all":
-        assert seen["extra"] > 0  # the comparison covered turns trained as examples of their own
+        assert seen["extra in one render"] > 0  # the comparison covered turns trained as examples of their own
     if setup == "mistral_v0.1":
         assert seen["dropped"] > 0  # ... and records the template cannot express
 
@@ -175,6 +199,6 @@ def test_a_conversation_outside_the_probed_layout_falls_back_to_the_per_turn_ren
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "one"}, {"role": "system", "content": "mid"},
                 {"role": "user", "content": "b"}, {"role": "assistant", "content": "two"}]
     found = encoder.supervised_examples(messages)
-    assert calls[0] == 1 + 2 * 2 and "system" not in encoder.layout["openings"]
+    assert calls[0] == 1 + 2 * 2 and "system" not in encoder.layout.openings
     assert [found[0][0][0][start:end] for start, end in found[0][0][1]] == ["one<|im_end|>", "two<|im_end|>"]
     assert json.dumps(found) == json.dumps(encoder.supervised_examples_by_rendering(messages))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from dftune.data.files import DataError
 from dftune.data.formats import template_messages, template_tools
 from dftune.data.templates import ChatRenderer
+from dftune.data.turn_layout import TurnLayout, features, probe_layout
 
 # Skip reasons at tokenisation time (reading-time reasons come from `normalize_record`).
 NO_SUPERVISED_TOKEN = "no supervised token"
@@ -129,7 +130,7 @@ class SpanFinder:
         # longest first, so "<|im_end|>" wins over a shorter token it starts with.
         self._specials_re = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
         self._abilities: dict | None = None
-        self._layout: dict | None = None
+        self._layout: TurnLayout | bool | None = None  # False: probed, no layout
 
     def __getstate__(self):
         return {**self.__dict__, "_abilities": None, "_layout": None}
@@ -249,12 +250,9 @@ class SpanFinder:
         generated_whole = "tool_calls" in message or "reasoning_content" in message or "</think>" in message["content"]
         return (0 if generated_whole else found), self._turn_end(segment, found + len(answer))
 
-    def _turn_span_by_rendering(self, messages: list[dict], index: int, tools) -> tuple[str, int, int]:
-        """(text, start, end): the rendering through turn `index` and the characters to supervise in it,
-        from two renders (the prompt before the turn and the conversation through it)."""
-        prompt = self.render(messages[:index], add_generation_prompt=True, tools=tools)
-        through = self.render(messages[: index + 1], tools=tools)
-        message = messages[index]
+    def _turn_span(self, prompt: str, through: str, message: dict) -> tuple[str, int, int]:
+        """(text, start, end): the rendering through the turn `message` and the characters to supervise in
+        it, from the prompt before the turn (P) and the conversation through it (T)."""
         if not through.startswith(prompt):
             return self._opened_turn_span(prompt, through, message, message["content"].split("</think>")[-1].strip())
         start, end = self._segment_span(through[len(prompt):], message)
@@ -286,160 +284,23 @@ class SpanFinder:
     def _has_special(self, text: str) -> bool:
         return bool(self._specials_re and self._specials_re.search(text))
 
-    def _turn_bounds(self, full: str, messages: list[dict], layout: dict, check_openings: bool = True) -> list[tuple[int, int]] | None:
-        """[(start, end)] per assistant message: the lengths of its prompt P (the rendering before it plus the
-        generation prompt) and of T (the rendering through it), both prefixes of `full`, found with the
-        probed layout; None when `full` does not have that shape (the caller then renders P and T)."""
-        opening, footer = layout["generation_prompt"], layout["footer"]
-        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if full.count(opening) != len(assistants):  # every opening is an assistant turn's, in order
-            return None
-        bounds, cursor = [], 0
-        for index in assistants:
-            start = full.find(opening, cursor)
-            end = full.find(footer, start + len(opening)) if start >= 0 else -1
-            if end < 0:
-                return None
-            start, end = start + len(opening), end + len(footer)
-            if index + 1 == len(messages):
-                if end != len(full):
-                    return None
-            elif check_openings:  # the next message starts where T ends
-                follows = layout["openings"].get(messages[index + 1]["role"])
-                if follows is None or not full.startswith(follows, end):
-                    return None
-            bounds.append((start, end))
-            cursor = end
-        return bounds
-
-    def _probe_conversations(self) -> dict[str, tuple[list[dict], list | None]]:
-        """Probe conversations, one per feature a conversation may have (`_features`). Placeholder texts have
-        inner spaces (a template that rewrites earlier turns by their words shows it), survive trimming and
-        `tojson`, and never collide with what a template writes."""
-        def text(k: int) -> str:
-            return f"Zq{k} probe text"
-
-        def user(k: int) -> dict:
-            return {"role": "user", "content": text(k)}
-
-        def answer(k: int, **fields) -> dict:
-            return {"role": "assistant", "content": text(k), **fields}
-
-        call = {"type": "function", "function": {"name": "probe_tool", "arguments": {"x": 1}}}
-        tool = {"type": "function", "function": {"name": "probe_tool", "description": "d", "parameters": {"type": "object", "properties": {}}}}
-        plain = [user(0), answer(1), user(2), answer(3)]
-        return {
-            "plain": (plain, None),
-            "system": ([{"role": "system", "content": text(9)}, *plain], None),
-            "tools": (plain, [tool]),
-            "tool": ([user(0), answer(1), {"role": "tool", "content": text(2)}, answer(3), user(4), answer(5)], None),
-            "tool_calls": ([user(0), answer(1, content="", tool_calls=[call]), {"role": "tool", "content": text(2)},
-                            answer(3, tool_calls=[call]), user(4), answer(5)], None),
-            "reasoning": ([user(0), answer(1, reasoning_content=text(5)), user(2), answer(3, reasoning_content=text(6))], None),
-            "think": ([user(0), answer(1, content=f"<think>\n{text(5)}\n</think>\n\n{text(1)}"), user(2),
-                       answer(3, content=f"<think>\n{text(6)}\n</think>\n\n{text(3)}")], None),
-        }
-
-    @staticmethod
-    def _features(messages: list[dict], tools: list | None) -> set[str]:
-        """The probe conversations (`_probe_conversations`) a conversation needs the layout to have passed."""
-        features = {"plain", "tools"} if tools else {"plain"}
-        for message in messages:
-            role = message["role"]
-            features.add(role if role in ("system", "tool") else "plain" if role in ("user", "assistant") else f"role {role}")
-            if "tool_calls" in message:
-                features.add("tool_calls")
-            if "reasoning_content" in message:
-                features.add("reasoning")
-            if "</think>" in message["content"]:
-                features.add("think")
-        return features
-
     @property
-    def layout(self) -> dict | None:
-        """Probed once: can P and T of every turn be cut out of the full rendering? {"generation_prompt",
-        "footer", "openings" (role -> what the template writes first for a message after an assistant
-        turn), "features" (the probe conversations on which the cuts equal the renders)}, or None.
-
-        The generation prompt must be what the template appends to a rendering for the next assistant
-        turn and what it opens every assistant turn with; the footer, what it writes after the last
-        assistant content of a conversation; both must hold a special token, so that no message text can
-        contain them (control-token text is refused in `_prepare`).
-        """
+    def layout(self) -> TurnLayout | None:
+        """Probed once: how P and T of every turn are cut out of the full rendering (turn_layout.py), or None."""
         if self._layout is None:
-            self._layout = self._probe_layout() or {}
+            self._layout = probe_layout(self.render, self._has_special) or False
         return self._layout or None
 
-    def _probe_layout(self) -> dict | None:
-        probes = self._probe_conversations()
-        plain, _ = probes["plain"]
-        try:
-            rendered = self.render(plain[:1])
-            prompt = self.render(plain[:1], add_generation_prompt=True)
-            through = self.render(plain[:2])
-        except Exception:
-            return None
-        if not (prompt.startswith(rendered) and through.startswith(prompt) and plain[1]["content"] in through[len(prompt):]):
-            return None
-        opening = prompt[len(rendered):]
-        footer = through[through.rindex(plain[1]["content"]) + len(plain[1]["content"]):]
-        if not (self._has_special(opening) and self._has_special(footer)):
-            return None
-        layout = {"generation_prompt": opening, "footer": footer, "openings": {}, "features": set()}
-        # What a message after an assistant turn starts with (its header), by role, as the probes render it.
-        for messages, tools in probes.values():
-            try:
-                full = self.render(messages, tools=tools)
-            except Exception:
-                continue
-            assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-            for index, (_, end) in zip(assistants, self._turn_bounds(full, messages, layout, check_openings=False) or []):
-                following = messages[index + 1] if index + 1 < len(messages) else None
-                if following is not None and following["role"] != "assistant" and following["content"] in full[end:]:
-                    layout["openings"].setdefault(following["role"], full[end:full.index(following["content"], end)])
-        for feature, (messages, tools) in probes.items():
-            if self._cuts_equal_renders(messages, tools, layout):
-                layout["features"].add(feature)
-        return layout if "plain" in layout["features"] else None
-
-    def _cuts_equal_renders(self, messages: list[dict], tools: list | None, layout: dict) -> bool:
-        """Are P and T of every assistant turn of a probe conversation the prefixes `_turn_bounds` cuts?"""
-        try:
-            full = self.render(messages, tools=tools)
-            bounds = self._turn_bounds(full, messages, layout)
-            if bounds is None:
-                return False
-            assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-            for index, (start, end) in zip(assistants, bounds):
-                if (self.render(messages[:index], add_generation_prompt=True, tools=tools) != full[:start]
-                        or self.render(messages[: index + 1], tools=tools) != full[:end]):
-                    return False
-            return True
-        except Exception:
-            return False
-
-    def _spans_from_one_rendering(self, full: str, messages: list[dict], trained: list[int], tools) -> list[tuple[int, int]] | None:
-        """The spans of the trained turns, all in `full`, from that one rendering; None when the layout does
-        not cover this conversation (the caller then renders every turn: the result is the same)."""
+    def _turn_renderings(self, full: str, messages: list[dict], tools) -> list[tuple[str, str]] | None:
+        """[(P, T)] of every assistant turn, cut out of `full`; None when the layout does not cover this
+        conversation (the caller then renders every turn: the result is the same)."""
         layout = self.layout
-        if layout is None or not self._features(messages, tools) <= layout["features"]:
+        if layout is None or not features(messages, tools) <= layout.features:
             return None
         first_user = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
         if first_user is None or messages[first_user]["role"] != "user":  # a prompt without a user turn: templates differ
             return None
-        bounds = self._turn_bounds(full, messages, layout)
-        if bounds is None:
-            return None
-        by_index = dict(zip((i for i, m in enumerate(messages) if m["role"] == "assistant"), bounds))
-        spans = []
-        for index in trained:
-            start, end = by_index[index]
-            try:
-                first, last = self._segment_span(full[start:end], messages[index])
-            except DataError:
-                return None  # the per-turn renders raise it
-            spans.append((start + first, start + last))
-        return spans
+        return layout.turn_renderings(full, messages)
 
     # -- examples --------------------------------------------------------------------------------
 
@@ -465,16 +326,20 @@ class SpanFinder:
         rendered, tools_list, trained, notes = self._prepare(messages, tools)
         try:
             full = self.render(rendered, tools=tools_list)
-            spans = self._spans_from_one_rendering(full, rendered, trained, tools_list) if one_rendering and trained else None
-            extra = []
-            if spans is None:
-                spans = []
-                for index in trained:
-                    through, start, end = self._turn_span_by_rendering(rendered, index, tools_list)
-                    if full.startswith(through[:end]):
-                        spans.append((start, end))
-                    else:
-                        extra.append((through, [(start, end)]))
+            cuts = self._turn_renderings(full, rendered, tools_list) if one_rendering and trained else None
+            by_index = dict(zip((i for i, m in enumerate(rendered) if m["role"] == "assistant"), cuts or []))
+            spans, extra = [], []
+            for index in trained:
+                if cuts is None:
+                    prompt = self.render(rendered[:index], add_generation_prompt=True, tools=tools_list)
+                    through = self.render(rendered[: index + 1], tools=tools_list)
+                else:
+                    prompt, through = by_index[index]
+                through, start, end = self._turn_span(prompt, through, rendered[index])
+                if full.startswith(through[:end]):
+                    spans.append((start, end))
+                else:
+                    extra.append((through, [(start, end)]))
         except DataError:
             raise
         except Exception as err:  # jinja's raise_exception, type errors in templates, ...
