@@ -109,12 +109,11 @@ class SpanFinder:
     (Qwen3 drops old reasoning), turn i becomes an extra example of its own, T, with only turn i supervised.
 
     Rendering P and T for every turn costs 1 + 2 x turns renders of ever longer prefixes (quadratic in the
-    turns). For a template whose renderings are prefixes of one another and whose generation prompt opens
-    the assistant turn (ChatML, Qwen2.5, Llama-3.x; probed once, see `layout`), P and T are instead cut out
-    of the one full rendering: one render per conversation. A conversation the probes did not cover, or
-    whose rendering does not have the probed shape, takes the per-turn renders
-    (`supervised_examples_by_rendering`, the reference), as do templates without that layout (Qwen3 and
-    DeepSeek-R1 rewrite history; Mistral v0.1's generation prompt is empty).
+    turns). The template's `layout` (turn_layout.py, probed once) cuts P and T out of the one full rendering
+    instead, for ChatML, Qwen2.5, Llama-3.x, Qwen3, DeepSeek-R1 and Mistral v0.1: one render per
+    conversation. A conversation the probes did not cover, or whose rendering does not have the probed
+    shape, takes the per-turn renders (`supervised_examples_by_rendering`, the reference), as do all
+    conversations of a template without a layout.
 
     Which turns: every assistant turn (`train_on_turns="all"`) or the last one ("last"); a message's
     "loss": true/false overrides both.
