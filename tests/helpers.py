@@ -71,8 +71,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def launch(launcher: str, args: list[str], log_path: Path, timeout: int = 600, procs: int = 2) -> str:
-    """Runs train_dft.py under `launcher` (python | torchrun | deepspeed), returns its console output.
+def launch(launcher: str, args: list[str], log_path: Path, timeout: int = 600, procs: int = 2, port: int | None = None) -> str:
+    """Runs train_dft.py under `launcher` (python | torchrun | deepspeed) on `port` (a free one by default),
+    returns its console output.
 
     Raises AssertionError with the output's tail when the run fails.
     """
@@ -80,9 +81,9 @@ def launch(launcher: str, args: list[str], log_path: Path, timeout: int = 600, p
         command = [sys.executable, "train_dft.py"]
     elif launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train_dft.py"]
+                   "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), "train_dft.py"]
     elif launcher == "deepspeed":
-        command = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "train_dft.py"]
+        command = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(port or free_port()), "train_dft.py"]
     else:
         raise ValueError(launcher)
     with open(log_path, "w", encoding="utf-8") as out:

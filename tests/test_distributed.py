@@ -91,7 +91,8 @@ def zero3(workdir, data_file) -> dict:
         "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
         "--deepspeed", str(ROOT / "ds_config" / "zero3.json"), "--use_cpu", "True",
     ]
-    return {"dir": out, "console": launch("deepspeed", args, workdir / "zero3.console")}
+    port = free_port()
+    return {"dir": out, "console": launch("deepspeed", args, workdir / "zero3.console", port=port), "port": port}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,13 @@ def test_zero3_checkpoint_manifest_holds_every_rank_files(zero3):
     assert sorted(files) == written
     assert any("zero_pp_rank_1_" in name for name in files) and "rng_state_1.pth" in files
     assert all(files[name]["size"] == (checkpoint / name).stat().st_size for name in files)
+
+
+def test_deepspeed_on_cpu_leaves_no_shared_memory_behind(zero3):
+    """DeepSpeed's CPU allreduce maps a 69 MB /dev/shm file per rank and never removes it; the run unlinks
+    each name once every rank has mapped it (run/distributed.py), so nothing stays in RAM after the run."""
+    assert Path("/dev/shm").is_dir()
+    assert sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{zero3['port']}_*")) == []
 
 
 def test_zero3_shards_parameters(zero3):

@@ -37,15 +37,7 @@ def _free_port() -> int:
 
 
 def _entry(argv: list[str]) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # WORKAROUND (dedupe when merging branch `dist`): DeepSpeed on CPU needs the gloo group before
-        # TrainingArguments is built; train_dft will do this itself once that branch lands.
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    import train_dft
+    import train_dft  # it opens the gloo process group DeepSpeed needs on CPU
 
     train_dft.main(argv)
 
