@@ -148,9 +148,10 @@ class TurnLayout:
             cursor = end
         return bounds
 
-    def turn_renderings(self, full: str, messages: list[dict]) -> list[tuple[str, str]] | None:
-        """[(P_i, T_i)] for every assistant turn i, cut out of `full` (the rendering of `messages`), or None
-        when `full` does not have the layout's shape."""
+    def turn_renderings(self, full: str, messages: list[dict]) -> list[tuple[int, str, str]] | None:
+        """[(start, prompt, turn)] for every assistant turn i, cut out of `full` (the rendering of `messages`):
+        P_i = full[:start] + prompt and T_i = full[:start] + turn (kept apart: joining them for every turn
+        would copy the rendering once per turn); None when `full` does not have the layout's shape."""
         bounds = self.bounds(full, messages)
         if bounds is None:
             return None
@@ -163,7 +164,7 @@ class TurnLayout:
                 opened = self.header + before + (messages[index].get("reasoning_content") or "") + after
                 if not turn.startswith(opened):  # rendered as in history: give it the last turn's form
                     turn = opened + turn[len(self.header):]
-            renderings.append((full[:start] + self.generation_prompt, full[:start] + turn))
+            renderings.append((start, self.generation_prompt, turn))
         return renderings
 
 
@@ -240,12 +241,13 @@ def _probe_openings(render: Render, probes: dict, layout: TurnLayout) -> None:
 def _cuts_equal_renders(render: Render, messages: list[dict], tools: list | None, layout: TurnLayout) -> bool:
     """Are P_i and T_i of every assistant turn of a probe conversation the layout's cuts?"""
     try:
-        renderings = layout.turn_renderings(render(messages, tools=tools), messages)
+        full = render(messages, tools=tools)
+        renderings = layout.turn_renderings(full, messages)
         if renderings is None:
             return False
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        return all(render(messages[:index], add_generation_prompt=True, tools=tools) == prompt
-                   and render(messages[: index + 1], tools=tools) == through
-                   for index, (prompt, through) in zip(assistants, renderings))
+        return all(render(messages[:index], add_generation_prompt=True, tools=tools) == full[:start] + prompt
+                   and render(messages[: index + 1], tools=tools) == full[:start] + turn
+                   for index, (start, prompt, turn) in zip(assistants, renderings))
     except Exception:
         return False
