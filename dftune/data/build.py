@@ -163,7 +163,7 @@ TOKENISED_FEATURES = ("input_ids", "labels", "length")  # the columns a split ke
 SPLIT_FILE = "data-00000-of-00001.arrow"
 
 
-RELEASE_EVERY_BATCHES = 64  # record batches read (or validated) between two releases of a mapped file's pages
+RELEASE_EVERY_BATCHES = 16  # record batches read (or validated) between two releases of a mapped file's pages
 _MADV_DONTNEED = 4
 
 
@@ -347,8 +347,10 @@ class _SplitWriter:
         with open(os.path.join(directory, "state.json"), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2, sort_keys=True)
         dataset.info.write_to_directory(directory)
-        lengths = np.concatenate(self.lengths).astype(np.int64) if self.lengths else np.zeros(0, dtype=np.int64)
-        stats = {"tokens": int(lengths.sum()), "supervised_tokens": self.supervised_tokens, "truncated": self.truncated, "lengths": lengths}
+        # int32 as written (4 bytes a conversation, the one list that grows with N); sums in int64
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int32)
+        self.lengths = []
+        stats = {"tokens": int(lengths.sum(dtype=np.int64)), "supervised_tokens": self.supervised_tokens, "truncated": self.truncated, "lengths": lengths}
         return (dataset if self.tokenised else None), stats
 
 
