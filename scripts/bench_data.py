@@ -262,7 +262,7 @@ def scaling(args) -> list[dict]:
     """Per N and workers: first build and cached load (and TRL's preparation where installed), each in a child."""
     import importlib.util
 
-    with_trl = importlib.util.find_spec("trl") is not None
+    with_trl = importlib.util.find_spec("trl") is not None and not args.skip_trl
     results = []
     with tempfile.TemporaryDirectory(dir=args.scratch_dir) as directory:
         for count in args.sizes:
@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "is timed in turns with this checkout's, and the ratio reported.")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="Scaling mode: time and peak RSS of the first build and the cached load per number of conversations.")
+    parser.add_argument("--skip_trl", action="store_true", help="With --sizes: do not time TRL's preparation even where TRL is installed.")
     parser.add_argument("--turns", type=int, default=None, help="User/assistant exchanges per synthetic conversation "
                         "(default 3, about 500 tokens; 2, about 330 tokens, with --sizes).")
     parser.add_argument("--scratch_dir", default=None, help="Where the data files and caches of --sizes go (default: the temp dir).")
