@@ -21,6 +21,7 @@ import atexit
 import collections
 import contextlib
 import ctypes
+import functools
 import hashlib
 import itertools
 import json
@@ -167,6 +168,14 @@ RELEASE_EVERY_BATCHES = 16  # record batches read (or validated) between two rel
 _MADV_DONTNEED = 4
 
 
+@functools.cache
+def _madvise():
+    """libc's madvise(addr, length, advice), looked up once."""
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise
+
+
 def _release_mapped_pages(path: str) -> None:
     """Drops this process's resident pages of every memory mapping of `path` (Linux madvise MADV_DONTNEED;
     nothing elsewhere). The mappings stay valid: the file is read-only mapped, its pages are clean, and the
@@ -180,8 +189,7 @@ def _release_mapped_pages(path: str) -> None:
         device, inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino)
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             ranges = [line.split(None, 1)[0] for line in f if line.split()[3:5] == [device, inode]]
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        madvise = _madvise()
         for span in ranges:
             start, end = (int(bound, 16) for bound in span.split("-"))
             madvise(start, end - start, _MADV_DONTNEED)
@@ -205,12 +213,13 @@ def _mapped_table(path: str):
     return pa.Table.from_batches(batches, schema=reader.schema)
 
 
-def _mapped_dataset(path: str):
-    """Dataset.from_file(path) (memory-mapped), read with _mapped_table."""
+def _mapped_dataset(path: str, **dataset_fields):
+    """Dataset.from_file(path) (memory-mapped), read with _mapped_table; `dataset_fields` (info, split,
+    fingerprint) go to the Dataset."""
     from datasets import Dataset
     from datasets.table import MemoryMappedTable
 
-    return Dataset(arrow_table=MemoryMappedTable(_mapped_table(path), path))
+    return Dataset(arrow_table=MemoryMappedTable(_mapped_table(path), path), **dataset_fields)
 
 
 def _validate_mapped(dataset) -> None:
@@ -230,9 +239,8 @@ def _validate_mapped(dataset) -> None:
 def _load_split(directory: str):
     """datasets.load_from_disk of a split folder this module wrote (state.json, dataset_info.json, one Arrow
     file), the file read with _mapped_table; load_from_disk itself when datasets would read it into memory."""
-    from datasets import Dataset, DatasetInfo, load_from_disk
+    from datasets import DatasetInfo, load_from_disk
     from datasets.splits import Split
-    from datasets.table import MemoryMappedTable
     from datasets.utils.info_utils import is_small_dataset
 
     with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
@@ -243,8 +251,7 @@ def _load_split(directory: str):
     with open(os.path.join(directory, "dataset_info.json"), encoding="utf-8") as f:
         info = DatasetInfo.from_dict(json.load(f))
     split = Split(state["_split"]) if state["_split"] is not None else None
-    dataset = Dataset(arrow_table=MemoryMappedTable(_mapped_table(files[0]), files[0]), info=info, split=split,
-                      fingerprint=state["_fingerprint"])
+    dataset = _mapped_dataset(files[0], info=info, split=split, fingerprint=state["_fingerprint"])
     return dataset.with_format(type=state["_format_type"], format_kwargs=state["_format_kwargs"], columns=state["_format_columns"],
                                output_all_columns=state["_output_all_columns"])
 
@@ -337,8 +344,8 @@ class _SplitWriter:
 
     def close(self) -> tuple:
         """(dataset, empty when every row was dropped, or None when no file had a row; stats). The file's
-        folder becomes what Dataset.save_to_disk
-        writes (state.json and dataset_info.json beside it), so datasets.load_from_disk reads it."""
+        folder becomes what Dataset.save_to_disk writes (state.json and dataset_info.json beside it), so
+        datasets.load_from_disk reads it."""
         self.writer.finalize()
         dataset = _mapped_dataset(self.path)  # memory-mapped: only the batches' headers are read
         directory = os.path.dirname(self.path)

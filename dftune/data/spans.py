@@ -290,10 +290,10 @@ class SpanFinder:
             self._layout = probe_layout(self.render, self._has_special) or False
         return self._layout or None
 
-    def _turn_renderings(self, full: str, messages: list[dict], tools) -> list[tuple[int, str, str]] | None:
-        """[(start, prompt, turn)] of every assistant turn, cut out of `full` (`TurnLayout.turn_renderings`);
-        None when the layout does not cover this conversation (the caller then renders every turn: the
-        result is the same)."""
+    def _turn_renderings(self, full: str, messages: list[dict], tools) -> dict[int, tuple[int, str, str]] | None:
+        """{message index: (start, prompt, turn)} of every assistant turn, cut out of `full`
+        (`TurnLayout.turn_renderings`); None when the layout does not cover this conversation (the caller
+        then renders every turn: the result is the same)."""
         layout = self.layout
         if layout is None or not features(messages, tools) <= layout.features:
             return None
@@ -327,7 +327,6 @@ class SpanFinder:
         try:
             full = self.render(rendered, tools=tools_list)
             cuts = self._turn_renderings(full, rendered, tools_list) if one_rendering and trained else None
-            by_index = dict(zip((i for i, m in enumerate(rendered) if m["role"] == "assistant"), cuts or []))
             spans, extra = [], []
             for index in trained:
                 # P = full[:head] + prompt and T = full[:head] + through; spans are found on the parts after head.
@@ -336,7 +335,7 @@ class SpanFinder:
                     prompt = self.render(rendered[:index], add_generation_prompt=True, tools=tools_list)
                     through = self.render(rendered[: index + 1], tools=tools_list)
                 else:
-                    head, prompt, through = by_index[index]
+                    head, prompt, through = cuts[index]
                 text, start, end = self._turn_span(prompt, through, rendered[index])
                 if full.startswith(text[:end], head):  # the turn is trained where the full rendering has it
                     spans.append((head + start, head + end))

@@ -117,9 +117,9 @@ class TurnLayout:
     openings: dict = field(default_factory=dict)  # role -> what a message after an assistant turn starts with
     features: set = field(default_factory=set)  # probe conversations on which the cuts equal the renders
 
-    def bounds(self, full: str, messages: list[dict], check_openings: bool = True) -> list[tuple[int, int]] | None:
-        """[(start, end)] of every assistant turn in `full` (header through footer), or None when `full`
-        does not have the layout's shape."""
+    def bounds(self, full: str, messages: list[dict], check_openings: bool = True) -> list[tuple[int, int, int]] | None:
+        """[(message index, start, end)] of every assistant turn in `full` (header through footer), or None
+        when `full` does not have the layout's shape."""
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         anchor = self.header or self.footer
         if full.count(anchor) != len(assistants):  # every anchor is an assistant turn's, in order
@@ -144,27 +144,26 @@ class TurnLayout:
                 follows = self.openings.get(messages[index + 1]["role"])
                 if follows is None or not full.startswith(follows, end):
                     return None
-            bounds.append((start, end))
+            bounds.append((index, start, end))
             cursor = end
         return bounds
 
-    def turn_renderings(self, full: str, messages: list[dict]) -> list[tuple[int, str, str]] | None:
-        """[(start, prompt, turn)] for every assistant turn i, cut out of `full` (the rendering of `messages`):
-        P_i = full[:start] + prompt and T_i = full[:start] + turn (kept apart: joining them for every turn
-        would copy the rendering once per turn); None when `full` does not have the layout's shape."""
+    def turn_renderings(self, full: str, messages: list[dict]) -> dict[int, tuple[int, str, str]] | None:
+        """{message index i: (start, prompt, turn)} for every assistant turn, cut out of `full` (the rendering
+        of `messages`): P_i = full[:start] + prompt and T_i = full[:start] + turn (kept apart: joining them for
+        every turn would copy the rendering once per turn); None when `full` does not have the layout's shape."""
         bounds = self.bounds(full, messages)
         if bounds is None:
             return None
-        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        renderings = []
-        for index, (start, end) in zip(assistants, bounds):
+        renderings = {}
+        for index, start, end in bounds:
             turn = full[start:end]
             if self.last_turn_reasoning is not None:
                 before, after = self.last_turn_reasoning
                 opened = self.header + before + (messages[index].get("reasoning_content") or "") + after
                 if not turn.startswith(opened):  # rendered as in history: give it the last turn's form
                     turn = opened + turn[len(self.header):]
-            renderings.append((start, self.generation_prompt, turn))
+            renderings[index] = (start, self.generation_prompt, turn)
         return renderings
 
 
@@ -231,8 +230,7 @@ def _probe_openings(render: Render, probes: dict, layout: TurnLayout) -> None:
             full = render(messages, tools=tools)
         except Exception:
             continue
-        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        for index, (_, end) in zip(assistants, layout.bounds(full, messages, check_openings=False) or []):
+        for index, _, end in layout.bounds(full, messages, check_openings=False) or []:
             following = messages[index + 1] if index + 1 < len(messages) else None
             if following is not None and following["role"] != "assistant" and following["content"] in full[end:]:
                 layout.openings.setdefault(following["role"], full[end:full.index(following["content"], end)])
@@ -245,9 +243,8 @@ def _cuts_equal_renders(render: Render, messages: list[dict], tools: list | None
         renderings = layout.turn_renderings(full, messages)
         if renderings is None:
             return False
-        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         return all(render(messages[:index], add_generation_prompt=True, tools=tools) == full[:start] + prompt
                    and render(messages[: index + 1], tools=tools) == full[:start] + turn
-                   for index, (start, prompt, turn) in zip(assistants, renderings))
+                   for index, (start, prompt, turn) in renderings.items())
     except Exception:
         return False
